@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both bootstrap .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo benchmark clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first, from the CPU wheel; the constraint keeps everything after on it.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m 'not slow' tests
+
+demo: $(STAMP)
+	$(VENV)/bin/gradcamo demo --out demo_out
+
+benchmark: $(STAMP)
+	$(PY) experiments/benchmark.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache

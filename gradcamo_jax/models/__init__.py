@@ -1,0 +1,5 @@
+"""Models: EfficientNet B0–B7 (2D/3D) and the layers and convolution primitives it is built from."""
+
+from gradcamo_jax.models.efficientnet import EfficientNet, init
+
+__all__ = ["EfficientNet", "init"]

@@ -1,0 +1,141 @@
+"""EfficientNet B0–B7 for 2D and 3D crops, with named stages.
+
+The network is ``stem → stage1 … stage7 → top → pool → dropout → classifier``.
+Every arrow after the stem is a named activation, so Grad-CAM at any layer is
+the gradient of `forward_from(a, layer)` with respect to ``a = features(x)[layer]``:
+the backward pass only crosses the part of the network after that layer.
+
+Axis order is channels-last: ``(B, Z, Y, X, C)`` in 3D, ``(B, Y, X, C)`` in 2D.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gradcamo_jax.config import STAGE_NAMES, ModelConfig
+from gradcamo_jax.models.layers import ConvBN, Stage, dense_init
+
+
+def layer_index(layer: str) -> int:
+    """Position of a named activation in `STAGE_NAMES` (ValueError listing the names otherwise)."""
+    try:
+        return STAGE_NAMES.index(layer)
+    except ValueError:
+        raise ValueError(f"unknown layer {layer!r}; expected one of {STAGE_NAMES}") from None
+
+
+def check_images(images: jax.Array, config: ModelConfig, in_channels: int | None = None) -> None:
+    """Raise ValueError unless `images` is ``(B, *S, C)`` with ``len(S) == config.spatial_dims``
+    (and C == `in_channels` when given). Shape checks only: no device sync."""
+    axes = "(B, Z, Y, X, C)" if config.spatial_dims == 3 else "(B, Y, X, C)"
+    if images.ndim != config.spatial_dims + 2:
+        raise ValueError(
+            f"images have shape {tuple(images.shape)} (rank {images.ndim}); expected rank "
+            f"{config.spatial_dims + 2}, axes {axes}, channels last"
+        )
+    if in_channels is not None and images.shape[-1] != in_channels:
+        raise ValueError(
+            f"images have {images.shape[-1]} channels (shape {tuple(images.shape)}, axes {axes}); "
+            f"the model was initialised with {in_channels}. If the channels are on another axis, "
+            "move them last (e.g. np.moveaxis(x, 1, -1) for ZCYX stacks)"
+        )
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet (Tan & Le 2019) with per-axis strides and named intermediate stages.
+
+    Call conventions (``x``: ``(B, *S, C_in)`` float; ``train`` switches BatchNorm to
+    batch statistics and enables dropout / stochastic depth, which need a "dropout" rng):
+
+    * ``apply(v, x)`` → logits ``(B, num_classes)`` (float32).
+    * ``apply(v, x, method="features")`` → dict ``{name: (B, *S_name, C_name)}`` for
+      every name of `STAGE_NAMES` (``upto=`` stops early).
+    * ``apply(v, a, layer, method="forward_from")`` → ``(logits, feats)``: the network
+      after ``layer`` applied to its activation ``a``, and the activations it passed.
+    * ``apply(v, a, method="head")`` → logits from the "top" activation.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        common = dict(
+            bn_momentum=cfg.bn_momentum,
+            bn_epsilon=cfg.bn_epsilon,
+            bn_axis_name=cfg.bn_axis_name,
+            dtype=self.dtype,
+            impl=cfg.conv_impl,
+        )
+        self.stem = ConvBN(cfg.stem_channels, 3, cfg.axis_strides(cfg.stem_stride), min_size=cfg.min_size, **common)
+        stages = cfg.stages()
+        n_blocks = sum(s.repeats for s in stages)
+        block = 0
+        for i, spec in enumerate(stages):
+            rates = tuple(cfg.drop_path_rate * (block + j) / n_blocks for j in range(spec.repeats))
+            block += spec.repeats
+            stage = Stage(
+                spec.out_channels,
+                spec.expand_ratio,
+                spec.kernel,
+                spec.stride,
+                spec.repeats,
+                rates,
+                se_ratio=cfg.se_ratio,
+                min_size=cfg.min_size,
+                **common,
+            )
+            # Explicit attribute names keep parameter paths and CAM layers stable.
+            setattr(self, f"stage{i + 1}", stage)
+        self.top = ConvBN(cfg.top_channels, 1, **common)
+        self.dropout = nn.Dropout(cfg.head_dropout)
+        self.classifier = nn.Dense(cfg.num_classes, kernel_init=dense_init, dtype=self.dtype)
+
+    @property
+    def dtype(self):
+        return jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32
+
+    def _run(self, name: str, x: jax.Array, train: bool) -> jax.Array:
+        return getattr(self, name)(x, train)
+
+    def features(self, x: jax.Array, train: bool = False, upto: str = "top") -> dict[str, jax.Array]:
+        """Named activations ``{name: (B, *S_name, C_name)}`` from "stem" to `upto` inclusive."""
+        check_images(x, self.config)
+        last = layer_index(upto)
+        out = {}
+        h = x.astype(self.dtype)
+        for name in STAGE_NAMES[: last + 1]:
+            h = self._run(name, h, train)
+            out[name] = h
+        return out
+
+    def forward_from(self, a: jax.Array, layer: str, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits ``(B, num_classes)`` from the activation ``a`` of `layer`, plus the later activations."""
+        start = layer_index(layer)
+        feats = {}
+        h = a
+        for name in STAGE_NAMES[start + 1 :]:
+            h = self._run(name, h, train)
+            feats[name] = h
+        return self.head(h, train), feats
+
+    def head(self, a: jax.Array, train: bool = False) -> jax.Array:
+        """Global average pool → dropout → dense: ``(B, *S_top, C_top)`` → float32 logits ``(B, K)``."""
+        pooled = jnp.mean(a, axis=tuple(range(1, a.ndim - 1)))
+        pooled = self.dropout(pooled, deterministic=not train)
+        return self.classifier(pooled).astype(jnp.float32)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits ``(B, num_classes)`` of images ``x`` ``(B, *S, C)``."""
+        a = self.features(x, train)["top"]
+        return self.head(a, train)
+
+
+def init(config: ModelConfig, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
+    """Initial variables ``{"params", "batch_stats"}`` for inputs of ``input_shape`` = ``(*S, C)`` (no batch axis)."""
+    model = EfficientNet(config)
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    return jax.jit(functools.partial(model.init, train=False))(rng, x)
