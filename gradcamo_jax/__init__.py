@@ -13,7 +13,7 @@ Public API::
 from gradcamo_jax.cam import CAM_METHODS, Explanation, explain, grad_cam, make_explain_fn, upsample
 from gradcamo_jax.config import STAGE_NAMES, ModelConfig
 from gradcamo_jax.gradcamo import GradCAMOResult, gradcamo, summarize
-from gradcamo_jax.models.efficientnet import EfficientNet, init
+from gradcamo_jax.models.efficientnet import EfficientNet, calibrate_batch_stats, init
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "explain",
     "grad_cam",
     "gradcamo",
+    "calibrate_batch_stats",
     "init",
     "make_explain_fn",
     "summarize",

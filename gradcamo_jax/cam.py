@@ -88,9 +88,10 @@ def get_method(method: str | CamWeights) -> CamWeights:
 
 def cam_from_gradients(a: jax.Array, g: jax.Array, method: str | CamWeights = "gradcam") -> jax.Array:
     """Raw (layer-resolution) map ``(*s,)`` = ReLU(Σ_k W_k A_k) of one crop; ``a``, ``g``: ``(*s, K)``.
-    Computed in float32 whatever the activation dtype."""
-    a = a.astype(jnp.float32)
-    g = g.astype(jnp.float32)
+    Computed in float32 at least (bf16 activations are promoted)."""
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    a = a.astype(acc)
+    g = g.astype(acc)
     w = get_method(method)(a, g)
     return jax.nn.relu(jnp.sum(w * a, axis=-1))
 
@@ -141,7 +142,7 @@ def _explain_one(model, variables, x, mask, target, *, layer, method, feature_la
         cam = upsample(cam, x.shape[:-1])
     all_feats = {**feats, **later}
     pooled = {
-        name: jnp.mean(all_feats[name][0].astype(jnp.float32), axis=tuple(range(x.ndim - 1)))
+        name: jnp.mean(all_feats[name][0].astype(logits.dtype), axis=tuple(range(x.ndim - 1)))
         for name in feature_layers
     }
     result = scores(cam[None], mask[None]) if mask is not None else None

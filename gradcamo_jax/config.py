@@ -97,7 +97,8 @@ class ModelConfig:
       bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon (TF/Keras values).
       bn_axis_name: mapped axis over which BatchNorm averages batch statistics under
         `pmap`/`shard_map` (None under `jit`, where the batch is already global).
-      dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
+      dtype: compute dtype ("float32", "bfloat16" for GPU/TPU, or "float64" for
+        reference computations under ``jax_enable_x64``); parameters are created float32.
       conv_impl: "auto" (engineered convolutions on CPU, XLA's native ones elsewhere),
         "xla" or "shifted"; see `gradcamo_jax.models.conv`.
     """
@@ -117,7 +118,7 @@ class ModelConfig:
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     bn_axis_name: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     conv_impl: Literal["auto", "xla", "shifted"] = "auto"
 
     def __post_init__(self):
@@ -127,6 +128,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.spatial_dims={self.spatial_dims}; expected 2 or 3")
         if self.num_classes < 1:
             raise ValueError(f"ModelConfig.num_classes={self.num_classes}; expected >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float64"):
+            raise ValueError(f"ModelConfig.dtype={self.dtype!r}; expected 'float32', 'bfloat16' or 'float64'")
         if self.stage_strides is not None and len(self.stage_strides) != len(EFFICIENTNET_B0_STAGES):
             raise ValueError(
                 f"ModelConfig.stage_strides has {len(self.stage_strides)} entries; expected "

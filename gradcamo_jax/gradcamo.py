@@ -174,4 +174,5 @@ def summarize(table, by: str | Sequence[str] | None = None, threshold: float = 0
     if by is None:
         return agg(table).to_frame().T
     by = [by] if isinstance(by, str) else list(by)
-    return pd.DataFrame({key: agg(g) for key, g in table.groupby(by, sort=True)}).T.rename_axis(by)
+    keys = by[0] if len(by) == 1 else by  # scalar index labels for one column, tuples for several
+    return table.groupby(keys, sort=True)[list(SCORE_COLUMNS.values())].apply(agg)

@@ -19,6 +19,9 @@ from gradcamo_jax.models import conv as convlib
 
 # TF EfficientNet initialisers: He-normal on fan-out for convs, uniform for the classifier.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal")
+# A depthwise kernel (*K, 1, C) mixes only prod(K) inputs per output: scaling by flax's fan-out
+# (prod(K)·C) would shrink activations ~C-fold per block. Keras counts prod(K) (its layout is (*K, C, 1)).
+depthwise_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 
 
@@ -46,7 +49,7 @@ class Conv(nn.Module):
             shape = (self.kernel,) * nd + (1, cin)
         else:
             shape = (self.kernel,) * nd + (cin, self.features)
-        w = self.param("kernel", conv_init, shape, jnp.float32)
+        w = self.param("kernel", depthwise_init if self.depthwise else conv_init, shape, jnp.float32)
         x, w = x.astype(self.dtype), w.astype(self.dtype)
         if self.depthwise:
             return convlib.depthwise_conv(x, w, self.strides, impl=self.impl)
