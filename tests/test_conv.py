@@ -1,0 +1,149 @@
+"""The engineered convolutions ("shifted") against `lax.conv_general_dilated`, the reference.
+
+Everything runs in float64 on random inputs with odd spatial sizes (so ``ceil(n / s)``
+rounding is exercised), 1D/2D/3D, strides 1 and 2 and mixed per axis. Values, first
+derivatives (VJP to input and kernel) and the second derivatives that a Grad-CAMO
+regulariser needs (gradient of a gradient) are compared with the same quantities of
+XLA's native convolution, which shares no code with the engineered path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from gradcamo_jax.models import conv as convlib
+
+
+def reference(x, w, strides, depthwise):
+    """Plain `lax.conv_general_dilated` with symmetric k // 2 padding, channels-last."""
+    nd = len(strides)
+    sp = {1: "W", 2: "HW", 3: "DHW"}[nd]
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, (f"N{sp}C", f"{sp}IO", f"N{sp}C"))
+    pad = [(k // 2, k // 2) for k in w.shape[:nd]]
+    groups = x.shape[-1] if depthwise else 1
+    return lax.conv_general_dilated(
+        x, w, strides, pad, dimension_numbers=dn, feature_group_count=groups, precision=lax.Precision.HIGHEST
+    )
+
+
+def ours(x, w, strides, depthwise):
+    fn = convlib.depthwise_conv if depthwise else convlib.conv
+    return fn(x, w, strides, impl="shifted")
+
+
+# (spatial, kernel, strides, cin, cout) — cout ignored for depthwise
+CASES = [
+    ((9,), 3, (2,), 3, 4),
+    ((7, 10), 3, (1, 1), 2, 5),
+    ((7, 11), 5, (2, 1), 3, 2),
+    ((5, 9, 8), 3, (1, 2, 2), 3, 4),
+    ((5, 7, 9), 3, (2, 2, 2), 2, 3),
+    ((6, 9, 7), 5, (1, 2, 1), 2, 2),
+    ((3, 5, 5), 1, (1, 2, 2), 4, 6),  # pointwise with stride
+    ((3, 4, 5), 7, (1, 1, 1), 2, 3),  # kernel larger than an axis
+]
+
+
+def _data(spatial, k, cin, cout, depthwise, seed=0):
+    rng = np.random.default_rng(seed)
+    nd = len(spatial)
+    x = rng.normal(size=(2, *spatial, cin))
+    w = rng.normal(size=(*(k,) * nd, 1, cin) if depthwise else (*(k,) * nd, cin, cout))
+    return jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{len(c[0])}d-k{c[1]}-s{''.join(map(str, c[2]))}")
+def test_value_and_gradients_match_lax_conv_in_float64(case, depthwise, x64):
+    spatial, k, strides, cin, cout = case
+    if depthwise and k == 1:
+        pytest.skip("a 1×1 depthwise conv is a per-channel scale; EfficientNet has none")
+    x, w = _data(spatial, k, cin, cout, depthwise)
+    y_ref = reference(x, w, strides, depthwise)
+    y = ours(x, w, strides, depthwise)
+    assert y.shape == y_ref.shape == (2, *(-(-n // s) for n, s in zip(spatial, strides)), y_ref.shape[-1])
+    assert y.dtype == jnp.float64
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+
+    ct = jnp.asarray(np.random.default_rng(1).normal(size=y_ref.shape))
+    _, vjp_ref = jax.vjp(lambda a, b: reference(a, b, strides, depthwise), x, w)
+    _, vjp = jax.vjp(lambda a, b: ours(a, b, strides, depthwise), x, w)
+    for got, want in zip(vjp(ct), vjp_ref(ct)):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
+@pytest.mark.parametrize("case", [CASES[3], CASES[5], CASES[1]], ids=["3d-k3-s122", "3d-k5-s121", "2d-k3-s11"])
+def test_second_derivatives_match_lax_conv(case, depthwise, x64):
+    """Gradient of a function of the input gradient (what a differentiable CAM penalty does)."""
+    spatial, k, strides, cin, cout = case
+    x, w = _data(spatial, k, cin, cout, depthwise, seed=2)
+    ct = jnp.asarray(np.random.default_rng(3).normal(size=reference(x, w, strides, depthwise).shape))
+
+    def penalty(f):
+        def inner(a, b):
+            gx, gw = jax.grad(lambda a, b: jnp.vdot(f(a, b, strides, depthwise), ct), argnums=(0, 1))(a, b)
+            return jnp.sum(jnp.sin(gx)) + jnp.sum(gw**2)
+
+        return jax.grad(inner, argnums=(0, 1))(x, w)
+
+    for got, want in zip(penalty(ours), penalty(reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_and_bfloat16_accumulate_accurately():
+    """bf16 inputs are summed in f32: the error is the inputs' rounding, not the sum's."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(1, 5, 12, 12, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 1, 16)), jnp.float32)
+    y32 = ours(x, w, (1, 1, 1), True)
+    np.testing.assert_allclose(y32, reference(x, w, (1, 1, 1), True), rtol=1e-5, atol=1e-5)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    yb = ours(xb, wb, (1, 1, 1), True)
+    assert yb.dtype == jnp.bfloat16
+    exact = reference(xb.astype(jnp.float32), wb.astype(jnp.float32), (1, 1, 1), True)
+    # one bf16 rounding of the result (2^-8 relative), not 27 of them
+    np.testing.assert_allclose(np.asarray(yb, np.float32), exact, rtol=2**-7, atol=2**-7 * float(jnp.abs(exact).max()))
+
+
+def test_blocked_loops_cover_every_row():
+    """Inputs large enough that the kernel gradient and im2col loop over several blocks,
+    with a last block that is mostly padding."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(1, 3, 67, 45, 24)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 24, 8)) * 0.1, jnp.float32)
+    plan = convlib._plan_blocks((3, 34, 23), 27 * 24 * 4)
+    assert plan.count > 1
+    ct = jnp.asarray(rng.normal(size=(1, 3, 34, 23, 8)), jnp.float32)
+    y, vjp = jax.vjp(lambda a, b: ours(a, b, (1, 2, 2), False), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda a, b: reference(a, b, (1, 2, 2), False), x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(vjp(ct), vjp_ref(ct)):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(jnp.abs(want).max()))
+
+
+def test_auto_picks_shifted_on_cpu_and_rejects_unknown():
+    assert convlib.resolve_impl("auto") == ("shifted" if jax.default_backend() == "cpu" else "xla")
+    with pytest.raises(ValueError, match="impl='cudnn'"):
+        convlib.resolve_impl("cudnn")
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "strides", "depthwise", "match"),
+    [
+        ((2, 5, 5, 3), (3, 3, 3, 4), (1, 1, 1), False, r"x has shape \(2, 5, 5, 3\) \(rank 4\).*expected rank 5"),
+        ((2, 5, 5, 5, 3), (3, 3, 4), (1, 1, 1), False, r"kernel has shape \(3, 3, 4\) \(rank 3\)"),
+        ((2, 5, 5, 5, 3), (2, 2, 2, 3, 4), (1, 1, 1), False, r"expected odd sizes"),
+        ((2, 5, 5, 5, 3), (3, 3, 3, 2, 4), (1, 1, 1), False, r"expected kernel \(3, 3, 3, 3, 4\)"),
+        ((2, 5, 5, 5, 3), (3, 3, 3, 1, 4), (1, 1, 1), True, r"expected kernel \(3, 3, 3, 1, 3\)"),
+        ((2, 5, 5, 5, 3), (3, 3, 3, 3, 4), (1, 0, 1), False, r"strides=\(1, 0, 1\)"),
+    ],
+)
+def test_bad_shapes_name_expected_and_actual(x_shape, w_shape, strides, depthwise, match):
+    x, w = jnp.zeros(x_shape), jnp.zeros(w_shape)
+    with pytest.raises(ValueError, match=match):
+        ours(x, w, strides, depthwise)
