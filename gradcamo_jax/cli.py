@@ -22,10 +22,27 @@ from collections.abc import Callable, Sequence
 
 def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder for the plate (plate map, TIFFs, ground truth)")
+    p.add_argument("--preset", default="demo", help="demo (CPU demo), tiny (tests), small (paper geometry), large")
+    p.add_argument("--mode", "--signal", dest="signal", default=None,
+                   help="where the dose shows: cell | background | neighbor | site, or a mixture "
+                        "such as 'cell=0.2,background=1' (default: the preset's, i.e. cell)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same seed → byte-identical files)")
+    p.add_argument("--wells-per-dose", type=int, default=None)
+    p.add_argument("--sites-per-well", type=int, default=None)
+    p.add_argument("--cells-per-site", type=int, default=None)
+    p.add_argument("--field", default=None, help="field shape Z,Y,X, e.g. 21,256,256")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    raise SystemExit("gradcamo synth: not available in this build yet")
+    from gradcamo_jax.data import synthetic
+
+    field = tuple(int(v) for v in args.field.split(",")) if args.field else None
+    config = synthetic.make_config(
+        args.preset, signal=args.signal, seed=args.seed, wells_per_dose=args.wells_per_dose,
+        sites_per_well=args.sites_per_well, cells_per_site=args.cells_per_site, field_shape=field,
+    )
+    print(synthetic.write_plate(config, args.out))
+    return 0
 
 
 # ----------------------------------------------------------------------------- train

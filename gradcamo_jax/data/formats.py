@@ -50,7 +50,8 @@ Crop stores (a dataset folder's crops.zarr, Zarr v3, chunk = one cell)
       Concatenates stores along N by hard-linking (or copying) their encoded chunk
       files: the merge step of tools/crop.py, with no decode/encode round trip.
 
-Small JSON documents (summaries, ground truth)
+Other tables and small JSON documents (ground truth, summaries)
+  read_table(path) -> DataFrame, write_table(df, path) -> Path   (.csv or .parquet)
   write_json(obj, path) -> Path, read_json(path) -> object
 
 Helpers
@@ -158,7 +159,11 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A CSV or Parquet table (by suffix); Metadata_Plate/Metadata_Well stay strings in CSV."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such table")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return pd.read_parquet(path)
@@ -168,7 +173,9 @@ def _read_table(path: Path) -> pd.DataFrame:
     raise ValueError(f"{path}: unknown table format {suffix!r}; use .csv or .parquet")
 
 
-def _write_table(df: pd.DataFrame, path: Path) -> Path:
+def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a CSV or Parquet table (by suffix) atomically, without the index."""
+    path = Path(path)
     suffix = path.suffix.lower()
     with atomic_path(path) as tmp:
         if suffix == ".parquet":
@@ -206,7 +213,7 @@ def read_plate_map(path: str | os.PathLike, *, check_files: bool = True) -> pd.D
     path = Path(path).resolve()
     if not path.exists():
         raise FileNotFoundError(f"{path}: plate map not found")
-    df = _read_table(path)
+    df = read_table(path)
     missing = [c for c in PLATE_MAP_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(
@@ -265,7 +272,7 @@ def write_plate_map(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     dup = df.duplicated(list(SITE_KEY), keep=False)
     if dup.any():
         raise ValueError(f"{path}: refusing to write duplicate (plate, well, site) rows {list(np.flatnonzero(dup) + 1)}")
-    return _write_table(df.reset_index(drop=True), Path(path))
+    return write_table(df.reset_index(drop=True), Path(path))
 
 
 def site_id(plate: Any, well: Any, site: Any) -> str:
@@ -494,7 +501,7 @@ def read_cells(dataset_dir: str | os.PathLike) -> pd.DataFrame:
 
 def write_cells(df: pd.DataFrame, dataset_dir: str | os.PathLike) -> Path:
     """Write cells.parquet into `dataset_dir` atomically; returns its path."""
-    return _write_table(df.reset_index(drop=True), Path(dataset_dir) / CELLS_FILE)
+    return write_table(df.reset_index(drop=True), Path(dataset_dir) / CELLS_FILE)
 
 
 # ----------------------------------------------------------------------------- crop stores
