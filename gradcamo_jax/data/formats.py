@@ -46,6 +46,9 @@ Crop stores (a dataset folder's crops.zarr, Zarr v3, chunk = one cell)
       indexing on the first axis and return NumPy arrays. len(store) = N;
       .channels, .attrs (normalisation, crop size, class names).
   write_crop_store(path, image, mask, attrs=None) -> Path   (one shot, atomic)
+  crop_store_writer(path, n, crop_zyx, n_channels, dtype="float16", attrs=None)
+      context manager yielding a writer with .write(start, image, mask) (rows
+      start … start + len(image)); the store appears at `path` only on success.
   link_crop_stores(parts, path, attrs=None) -> Path
       Concatenates stores along N by hard-linking (or copying) their encoded chunk
       files: the merge step of tools/crop.py, with no decode/encode round trip.
@@ -625,6 +628,38 @@ def write_crop_store(
             img[...] = image
             msk[...] = mask.astype(np.uint8, copy=False)
     return path
+
+
+class _CropWriter:
+    def __init__(self, image, mask):
+        self._image, self._mask = image, mask
+
+    def write(self, start: int, image: np.ndarray, mask: np.ndarray) -> None:
+        """Write rows start … start + len(image): image (n, Z, Y, X, C), mask (n, Z, Y, X)."""
+        n = len(image)
+        if n == 0:
+            return
+        if mask.shape != image.shape[:4]:
+            raise ValueError(f"mask {mask.shape} does not match image {image.shape}")
+        self._image[start:start + n] = image.astype(self._image.dtype, copy=False)
+        self._mask[start:start + n] = mask.astype(np.uint8, copy=False)
+
+
+@contextlib.contextmanager
+def crop_store_writer(
+    path: str | os.PathLike,
+    n: int,
+    crop_zyx: Sequence[int],
+    n_channels: int,
+    dtype: Any = "float16",
+    attrs: dict | None = None,
+) -> Iterator[_CropWriter]:
+    """Create a crop store of `n` cells and write it in pieces; atomic (see `atomic_path`)."""
+    if np.dtype(dtype) not in (np.float16, np.float32):
+        raise ValueError(f"{path}: crop images are float16 or float32, got {dtype}")
+    with atomic_path(path) as tmp:
+        image, mask = _create_arrays(tmp, n, crop_zyx, n_channels, np.dtype(dtype), attrs or {})
+        yield _CropWriter(image, mask)
 
 
 def crop_store_info(path: str | os.PathLike) -> dict:
