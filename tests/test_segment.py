@@ -1,0 +1,225 @@
+"""tools/segment.py: metric, end-cap merging, channel/shard/model plumbing, and the Cellpose run end to end.
+
+The Cellpose model used here is built offline (tools/_cellpose_offline.py: an untrained CPnet
+trained briefly on synthetic slices), once per machine: it is cached under pytest's cache folder
+(.pytest_cache/d/cellpose-offline/, keyed by a hash of the recipe and the cellpose/torch
+versions), so a fresh clone (CI) trains it once per run. Only cellpose 3.1 is tested here; the
+cellpose-4 code path (no `channels` argument, cpsam) is untested.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import _segment_metrics as metrics  # noqa: E402
+import segment  # noqa: E402
+
+from gradcamo_jax.data import formats  # noqa: E402
+
+# ----------------------------------------------------------------------------- metric
+
+
+def test_match_f1_hand_computed():
+    """Two matches (IoU 0.6 and exactly 0.5), one miss, one false positive."""
+    true = np.zeros((1, 10, 12), np.int32)
+    pred = np.zeros_like(true)
+    true[0, 0:4, 0:4] = 1  # A: 16 px
+    pred[0, 0:4, 1:5] = 7  # A': shifted one column -> inter 12, union 20, IoU 0.6
+    true[0, 6:8, 0:2] = 2  # B: 4 px
+    pred[0, 6:8, 0:4] = 3  # B': B plus 4 px -> inter 4, union 8, IoU 0.5 (counts at >= 0.5)
+    true[0, 6:9, 8] = 5  # C: missed
+    pred[0, 0:2, 9:11] = 9  # D': nothing there
+    s = metrics.match_f1(true, pred, 0.5)
+    assert (s.n_true, s.n_pred, s.tp, s.fp, s.fn) == (3, 3, 2, 1, 1)
+    assert s.precision == pytest.approx(2 / 3) and s.recall == pytest.approx(2 / 3)
+    assert s.f1 == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert s.mean_matched_iou == pytest.approx((0.6 + 0.5) / 2)
+    # Just above B's IoU, B no longer counts.
+    s2 = metrics.match_f1(true, pred, 0.51)
+    assert (s2.tp, s2.fp, s2.fn) == (1, 2, 2)
+    iou, tids, pids = metrics.iou_matrix(true, pred)
+    assert list(tids) == [1, 2, 5] and list(pids) == [3, 7, 9]
+    assert iou[0, 1] == pytest.approx(0.6) and iou[1, 0] == pytest.approx(0.5) and iou[2].sum() == 0
+
+
+def test_match_is_optimal_not_greedy():
+    """Below 0.5 a greedy best-IoU-first pass gets 1 pair here; the optimum is 2."""
+    iou = np.array([[0.45, 0.35], [0.40, 0.0]])
+    s = metrics.match_from_iou(iou, 0.3)
+    assert s.tp == 2 and s.f1 == 1.0
+    assert s.mean_matched_iou == pytest.approx((0.35 + 0.40) / 2)
+
+
+def test_match_edge_cases():
+    empty = np.zeros((2, 4, 4), np.int32)
+    one = empty.copy()
+    one[0, :2, :2] = 4
+    assert metrics.match_f1(empty, empty).f1 == 1.0
+    s = metrics.match_f1(one, empty)
+    assert (s.tp, s.fn, s.f1, s.recall, s.precision) == (0, 1, 0.0, 0.0, 0.0)
+    s = metrics.match_f1(empty, one)
+    assert (s.fp, s.f1, s.recall) == (1, 0.0, 1.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.match_f1(one, one[:1])
+
+
+def test_match_agrees_with_cellpose_ap():
+    """Cross-check with cellpose's own matcher on random blob labels: AP = tp / (tp + fp + fn)."""
+    cp_metrics = pytest.importorskip("cellpose.metrics")
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        true = ndi.label(ndi.gaussian_filter(rng.normal(size=(64, 64)), 3) > 0.05)[0]
+        pred = ndi.label(ndi.gaussian_filter(rng.normal(size=(64, 64)), 3) + 0.5 * (true > 0) > 0.1)[0]
+        s = metrics.match_f1(true, pred, 0.5)
+        ap, tp, fp, fn = cp_metrics.average_precision([true], [pred], threshold=[0.5])
+        assert (s.tp, s.fp, s.fn) == (int(tp[0, 0]), int(fp[0, 0]), int(fn[0, 0]))
+        assert s.tp / max(s.tp + s.fp + s.fn, 1) == pytest.approx(float(ap[0, 0]))
+
+
+# ----------------------------------------------------------------------------- end caps
+
+
+def _disk(shape, cy, cx, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+
+
+def test_merge_end_caps():
+    z, y, x = 8, 40, 60
+    lab = np.zeros((z, y, x), np.int32)
+    for k in range(1, 6):
+        lab[k][_disk((y, x), 20, 20, 8)] = 1  # a cell on z = 1..5
+    lab[6][_disk((y, x), 20, 20, 3)] = 2  # top cap: tiny, fully over cell 1
+    lab[7][_disk((y, x), 20, 21, 2)] = 6  # a cap on the cap
+    lab[0][_disk((y, x), 19, 20, 4)] = 3  # bottom cap
+    for k in (3, 4):
+        lab[k][_disk((y, x), 20, 45, 6)] = 4  # a short cell on its own: not a cap
+    lab[6][_disk((y, x), 20, 12, 6)] = 5  # mostly over background: not a cap
+    out, n = segment.merge_end_caps(lab, max_slices=2, min_overlap=0.5)
+    assert n == 3
+    assert set(np.unique(out)) == {0, 1, 4, 5}
+    assert (out[lab == 2] == 1).all() and (out[lab == 3] == 1).all() and (out[lab == 6] == 1).all()
+    assert (out[lab == 4] == 4).all() and (out[lab == 5] == 5).all()
+    assert (lab[lab == 2] == 2).all()  # input untouched
+    # Off, or a stricter thickness that excludes nothing here, or a coverage nobody reaches.
+    assert segment.merge_end_caps(lab, 0, 0.5)[1] == 0
+    assert segment.merge_end_caps(lab, 2, 1.0)[1] == 3  # full caps are fully covered
+    assert segment.merge_end_caps(lab[:7], 1, 0.5)[1] == 2
+
+
+def test_relabel_sequential():
+    lab = np.array([[[0, 9, 9], [4, 0, 0]], [[0, 0, 7], [4, 4, 0]]])
+    out = segment.relabel_sequential(lab)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, [[[0, 1, 1], [2, 0, 0]], [[0, 0, 3], [2, 2, 0]]])
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+def test_select_channels_by_name():
+    stack = np.broadcast_to(np.arange(5, dtype=np.float32)[None, :, None, None], (3, 5, 4, 6)).copy()
+    cfg = segment.SegmentConfig(cyto_channel="AGP", nucleus_channel="DNA")
+    x = segment.select_channels(stack, cfg)
+    assert x.shape == (3, 2, 4, 6)
+    assert (x[:, 0] == formats.CHANNELS.index("AGP")).all() and (x[:, 1] == formats.CHANNELS.index("DNA")).all()
+    x = segment.select_channels(stack, segment.SegmentConfig(cyto_channel="RNA", nucleus_channel=None))
+    assert (x[:, 0] == 2).all() and (x[:, 1] == 0).all()
+    with pytest.raises(segment.SegmentError, match="'Actin' is not one of"):
+        segment.SegmentConfig(cyto_channel="Actin")
+    with pytest.raises(segment.SegmentError, match="does not match"):
+        segment.select_channels(stack[:, :4], cfg)
+
+
+def test_shards_partition_rows():
+    assert segment.parse_shard("2/5") == (2, 5) and segment.parse_shard(" 0 / 1 ") == (0, 1)
+    for bad in ("5/5", "-1/3", "1", "a/b", "0/0"):
+        with pytest.raises(segment.SegmentError, match="--shard"):
+            segment.parse_shard(bad)
+    for n, count in ((10, 3), (2, 4), (0, 2)):
+        parts = [segment.shard_rows(n, i, count) for i in range(count)]
+        joined = np.sort(np.concatenate(parts))
+        np.testing.assert_array_equal(joined, np.arange(n))
+
+
+def test_resolve_model(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    with pytest.raises(segment.ModelNotFoundError) as e:
+        segment.resolve_model("cyto3", 3, folder)
+    msg = str(e.value)
+    assert str(folder / "cyto3") in msg and "CELLPOSE_LOCAL_MODELS_PATH" in msg and "--model" in msg
+    with pytest.raises(segment.ModelNotFoundError, match="nucleitorch_0"):
+        segment.resolve_model("nuclei", 3, folder)
+    with pytest.raises(segment.ModelNotFoundError, match="cpsam"):
+        segment.resolve_model("cpsam", 4, folder)
+    (folder / "nucleitorch_0").write_bytes(b"w")
+    r = segment.resolve_model("nuclei", 3, folder)
+    assert r.builtin == "nuclei" and r.path == (folder / "nucleitorch_0").resolve()
+    local = tmp_path / "my_model"
+    local.write_bytes(b"w")
+    assert segment.resolve_model(str(local), 3, folder).builtin is None
+    (folder / "user_model").write_bytes(b"w")  # saved by name in the models folder
+    assert segment.resolve_model("user_model", 3, folder).path == (folder / "user_model").resolve()
+    with pytest.raises(segment.ModelNotFoundError, match="no such file, and not a cellpose 3.x built-in"):
+        segment.resolve_model("cyto9", 3, folder)
+    with pytest.raises(segment.ModelNotFoundError, match="is a folder"):
+        segment.resolve_model(str(folder), 3, folder)
+
+
+def _tiny_plate(root: Path, stacks: dict[str, np.ndarray], truth: dict[str, np.ndarray] | None = None) -> Path:
+    """A plate map with one site per entry of ``stacks`` (well name -> (Z, 5, Y, X) stack)."""
+    rows = []
+    for i, (well, stack) in enumerate(stacks.items()):
+        img = formats.write_stack(root / f"{well}.tiff", stack, formats.CHANNELS)
+        row = {"Metadata_Plate": "P1", "Metadata_Well": well, "Metadata_Site": 1, "Metadata_Treatment": "ctrl",
+               "Metadata_Dose": 0.0, "FileName_Image": img.name}
+        if truth is not None:
+            row["FileName_Labels"] = formats.write_labels(root / f"{well}_true.tiff", truth[well]).name
+        rows.append(row)
+    return formats.write_plate_map(pd.DataFrame(rows), root / "plate_map.csv")
+
+
+def _noise_stack(seed: int, z: int = 3, yx: int = 48) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(100, 5, (z, 5, yx, yx)).astype(np.float32)
+
+
+def test_missing_builtin_weights_fail_before_any_work(tmp_path, monkeypatch, caplog):
+    """No weights for a built-in name: exit 2 at once, naming the folder and file; no output, no download."""
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(models))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    pm = _tiny_plate(tmp_path, {"A01": _noise_stack(0)})
+    out = tmp_path / "seg"
+    with caplog.at_level(logging.ERROR, logger="segment"):
+        rc = segment.main(["run", "--plate-map", str(pm), "--out", str(out), "--model", "cyto3"])
+    assert rc == 2
+    assert str(models / "cyto3") in caplog.text and "CELLPOSE_LOCAL_MODELS_PATH" in caplog.text
+    assert not out.exists() and not any(models.iterdir()) and not (tmp_path / "home").exists()
+
+
+def test_missing_image_fails_before_any_work(tmp_path, caplog):
+    pm = _tiny_plate(tmp_path, {"A01": _noise_stack(0), "A02": _noise_stack(1)})
+    (tmp_path / "A02.tiff").unlink()
+    model = tmp_path / "not_loaded_yet"
+    model.write_bytes(b"x")  # resolution only checks existence; the plate map fails first
+    out = tmp_path / "seg"
+    with caplog.at_level(logging.ERROR, logger="segment"):
+        rc = segment.main(["run", "--plate-map", str(pm), "--out", str(out), "--model", str(model)])
+    assert rc == 2 and "A02.tiff" in caplog.text and "row 2" in caplog.text
+    assert not out.exists()
