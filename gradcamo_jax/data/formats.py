@@ -427,7 +427,7 @@ def write_stack(
             raise ValueError(f"{path}: {len(channel_names)} channel names for {array_zcyx.shape[1]} channels")
         meta["channel_names"] = list(channel_names)
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, array_zcyx, metadata=meta, compression=compression)
+        tifffile.imwrite(tmp, array_zcyx, metadata=meta, compression=compression, photometric="minisblack")
     return path
 
 
@@ -485,7 +485,8 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
         raise ValueError(f"{path}: negative label ids")
     dtype = np.uint16 if labels.size == 0 or labels.max() <= np.iinfo(np.uint16).max else np.uint32
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, labels.astype(dtype), metadata={"axes": "ZYX"}, compression="zlib")
+        tifffile.imwrite(tmp, labels.astype(dtype), metadata={"axes": "ZYX"}, compression="zlib",
+                         photometric="minisblack")
     return path
 
 

@@ -360,7 +360,7 @@ def synth_site(config: SynthConfig, class_index: int, site_index: int, empty: bo
     # Site batch effect: DNA bleed-through into ER, defocus, turning illumination tilt.
     s_site = st["site"] * e
     stack[ch["ER"]] += 0.3 * s_site * stack[ch["DNA"]]
-    psf = np.array(config.psf_sigma) + np.array([0.0, 1.0, 1.0]) * 1.2 * s_site
+    psf = np.array(config.psf_sigma) + np.array([0.0, 1.0, 1.0]) * 2.0 * s_site
     for c in range(stack.shape[0]):
         stack[c] = ndimage.gaussian_filter(stack[c], psf, mode="constant")
 
@@ -410,7 +410,7 @@ def synth_site(config: SynthConfig, class_index: int, site_index: int, empty: bo
     labels = remap[labels]
     table["Metadata_ObjectNumber"] = np.arange(1, len(table) + 1, dtype=np.int64)
     effects = {"tilt_direction": float(tilt_dir), "tilt_amplitude": float(tilt_amp),
-               "bleed_DNA_to_ER": 0.3 * s_site, "extra_blur_xy": 1.2 * s_site,
+               "bleed_DNA_to_ER": 0.3 * s_site, "extra_blur_xy": 2.0 * s_site,
                "background_amplitude": config.background_level * s_bg, "n_cells": int(len(table))}
     return out, labels, table, effects
 
