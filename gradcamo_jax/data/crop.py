@@ -96,6 +96,10 @@ class CropConfig:
       split_fractions: (train, val, test) fractions of wells per class.
       split_seed: seed of the well shuffle behind the split.
       workers: processes over sites (0 = in this process).
+      start_method: how worker processes start: "forkserver" (default: one clean
+        server imports this module once, workers fork from it; safe when the caller
+        has threads, e.g. JAX or zarr), "spawn", or "fork" (fastest start, only for
+        single-threaded callers).
       write_batch: cells cropped and written per step (bounds memory per worker).
     """
 
@@ -111,6 +115,7 @@ class CropConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: int = 0
     workers: int = 1
+    start_method: str = "forkserver"
     write_batch: int = 64
 
     def __post_init__(self):
@@ -378,8 +383,9 @@ def crop_shard(
             except (ValueError, FileNotFoundError) as e:
                 failures[sid] = str(e)
     else:
-        # spawn: zarr keeps an event-loop thread, which a forked child must not inherit.
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context(config.start_method)
+        if config.start_method == "forkserver":
+            ctx.set_forkserver_preload([__name__])
         with concurrent.futures.ProcessPoolExecutor(min(config.workers, len(todo)), mp_context=ctx) as pool:
             futures = {pool.submit(process_site, row, parts, config): sid for sid, row in todo}
             for fut in concurrent.futures.as_completed(futures):
