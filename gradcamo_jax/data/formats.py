@@ -714,3 +714,38 @@ def link_crop_stores(
                         shutil.copyfile(src, dst)
             offset += len(s)
     return path
+
+
+# ----------------------------------------------------------------------------- small array stores
+
+
+def write_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> Path:
+    """Write named arrays to a Zarr v3 group (atomic), one chunk per leading index for arrays
+    of rank ≥ 2 (e.g. CAM volumes (M, Z, Y, X) of `gradcamo score`), one chunk otherwise."""
+    import zarr
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        group.attrs.update(attrs or {})
+        for name, a in arrays.items():
+            a = np.asarray(a)
+            chunks = (1, *a.shape[1:]) if a.ndim >= 2 and a.shape[0] else a.shape or (1,)
+            arr = group.create_array(name, shape=a.shape, chunks=tuple(max(1, c) for c in chunks), dtype=a.dtype)
+            if a.size:
+                arr[...] = a
+    return path
+
+
+def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All arrays of a group written by `write_arrays` (plus ``"attrs"``: its attributes)."""
+    import zarr
+
+    path = Path(path)
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable array store ({e}); delete it and re-run the step that wrote it") from e
+    out: dict = {name: np.asarray(arr[...]) for name, arr in group.arrays()}
+    out["attrs"] = dict(group.attrs)
+    return out

@@ -1,0 +1,335 @@
+"""Bulk scoring: a cell dataset through one jitted `explain` pass per batch, to Parquet profiles.
+
+Output folder (``out_dir``)::
+
+    manifest.json              what was scored with what (checked on resume)
+    part-00000.parquet …       one shard per `ScoreConfig.rows_per_shard` cells, in row order
+    cams/part-00000.zarr …     optional CAM volumes of the sampled cells of that shard
+
+Each part is written atomically (temporary sibling → rename), and a part that exists
+is complete, so a killed run restarted with the same arguments skips finished parts
+and redoes only the interrupted one: no cell is duplicated or dropped. Memory is one
+shard's scalars and pooled features plus a few batches of crops in flight, whatever
+the number of cells.
+
+Columns of every part (pycytominer reads everything not starting with ``Metadata_``
+as a feature):
+
+* every ``Metadata_*`` column of the cell table (``Metadata_Row`` = row in crops.zarr);
+* ``Metadata_GradCAMO`` (cell), ``Metadata_GradCAMO_Neighbors``,
+  ``Metadata_GradCAMO_Background``, ``Metadata_GradCAMO_Chance``,
+  ``Metadata_GradCAMO_Undefined`` (True where the map sums to 0: scores are NaN);
+* ``Metadata_Target`` (the explained class), ``Metadata_Predicted``,
+  ``Metadata_Prob_<k>`` (softmax probability of class k);
+* features ``<Model>_<layer>_<i>``, e.g. ``EfficientNetB0_stage5_0042``: the spatial
+  mean of that layer's activation, for every layer of `ScoreConfig.feature_layers`.
+
+Across processes (``jax.process_count() > 1``) part k is scored by process
+``k % process_count``: cells are independent, so hosts never communicate. Within a
+process a batch is split over the local devices (``P("data")`` on a local mesh).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gradcamo_jax.cam import make_explain_fn
+from gradcamo_jax.config import ModelConfig
+from gradcamo_jax.data import formats
+from gradcamo_jax.gradcamo import SCORE_COLUMNS
+from gradcamo_jax.models.efficientnet import EfficientNet, layer_index
+
+MANIFEST = "manifest.json"
+PART = "part-{:05d}.parquet"
+CAM_DIR = "cams"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """What `score_dataset` computes and how it batches.
+
+    Attributes:
+      layer: the named activation Grad-CAM explains (`gradcamo_jax.STAGE_NAMES`).
+      method: CAM method, a key of `gradcamo_jax.CAM_METHODS`.
+      feature_layers: layers whose spatially pooled activations become feature
+        columns; () = `layer` only.
+      batch_size: cells per jitted call (rounded up to a multiple of the local device count).
+      rows_per_shard: cells per output part; a killed run loses at most one part's work.
+        Part boundaries are fixed by this value, so a resume must use the same one.
+      cam_sample: number of cells whose CAM volumes (float16) are saved for audits,
+        spread evenly over the dataset (0 = none).
+      prefetch: batches read from the crop store ahead of the device (threads).
+    """
+
+    layer: str = "stage5"
+    method: str = "gradcam"
+    feature_layers: tuple[str, ...] = ()
+    batch_size: int = 32
+    rows_per_shard: int = 4096
+    cam_sample: int = 0
+    prefetch: int = 2
+
+    def __post_init__(self):
+        for name in (self.layer, *self.feature_layers):
+            layer_index(name)
+        if self.batch_size < 1 or self.rows_per_shard < 1 or self.cam_sample < 0:
+            raise ValueError(f"ScoreConfig: batch_size, rows_per_shard must be >= 1 and cam_sample >= 0, got {self}")
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.feature_layers or (self.layer,)
+
+
+def model_tag(config: ModelConfig) -> str:
+    """``EfficientNetB0`` for variant b0 (feature column prefix)."""
+    return f"EfficientNet{config.variant.upper() if config.variant != 'tiny' else 'Tiny'}"
+
+
+def feature_names(config: ModelConfig, layer: str, n: int) -> list[str]:
+    return [f"{model_tag(config)}_{layer}_{i:04d}" for i in range(n)]
+
+
+def _fingerprint(cells: pd.DataFrame, variables) -> dict:
+    """Identifies the dataset and the weights, so a resume into the wrong folder fails loudly."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(variables):
+        h.update(np.asarray(leaf).tobytes())
+    key_cols = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber") if c in cells]
+    rows = hashlib.sha256(pd.util.hash_pandas_object(cells[key_cols], index=False).values.tobytes()).hexdigest()
+    return {"n_cells": int(len(cells)), "cells_sha256": rows, "weights_sha256": h.hexdigest()}
+
+
+def cam_rows(n: int, k: int) -> np.ndarray:
+    """``k`` row indices spread evenly over ``n`` cells (deterministic)."""
+    if k <= 0 or n == 0:
+        return np.zeros((0,), np.int64)
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(np.int64))
+
+
+def _local_mesh() -> Mesh:
+    return Mesh(np.array(jax.local_devices()), ("data",))
+
+
+def _batches(store, start: int, stop: int, batch: int, prefetch: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row, images (b, Z, Y, X, C) float32, masks (b, Z, Y, X)) for rows [start, stop),
+    read ahead in threads (zarr decoding releases the GIL)."""
+    starts = list(range(start, stop, batch))
+
+    def read(s):
+        e = min(s + batch, stop)
+        return s, store.image[s:e].astype(np.float32), store.mask[s:e]
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, prefetch)) as pool:
+        pending = [pool.submit(read, s) for s in starts[: prefetch + 1]]
+        nxt = len(pending)
+        while pending:
+            item = pending.pop(0).result()
+            if nxt < len(starts):
+                pending.append(pool.submit(read, starts[nxt]))
+                nxt += 1
+            yield item
+
+
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+    if len(a) == n:
+        return a
+    return np.concatenate([a, np.zeros((n - len(a), *a.shape[1:]), a.dtype)])
+
+
+def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows: tuple[int, int], config: ScoreConfig,
+               *, on_batch=None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Score rows ``[rows[0], rows[1])`` of the dataset.
+
+    Returns ``(table, cam_rows, cams)``: the part's profile table; the sampled rows of this
+    part and their CAM volumes ``(M, Z, Y, X)`` float16 (M may be 0).
+    """
+    mesh = _local_mesh()
+    ndev = mesh.devices.size
+    batch = -(-config.batch_size // ndev) * ndev
+    sharding = NamedSharding(mesh, P("data"))
+    sampled = cam_rows(len(cells), config.cam_sample)
+    sampled = sampled[(sampled >= rows[0]) & (sampled < rows[1])]
+    fn = make_explain_fn(model, config.layer, config.method, config.layers, len(sampled) > 0, True, True)
+    targets = jax.device_put(np.full((batch,), -1, np.int32), sharding)
+    cols: dict[str, list[np.ndarray]] = {}
+    cams, cam_idx = [], []
+    for first, images, masks in _batches(store, rows[0], rows[1], batch, config.prefetch):
+        n = len(images)
+        if not np.isfinite(images).all():
+            bad = first + int(np.flatnonzero(~np.isfinite(images).reshape(n, -1).all(axis=1))[0])
+            c = cells.iloc[bad]
+            raise ValueError(
+                f"crop row {bad} ({c.get('Metadata_Plate')}/{c.get('Metadata_Well')}/site {c.get('Metadata_Site')}, "
+                f"object {c.get('Metadata_ObjectNumber')}) has NaN/inf pixels; re-crop that site or drop the cell"
+            )
+        x = jax.device_put(_pad(images, batch), sharding)
+        m = jax.device_put(_pad(masks, batch), sharding)
+        out = jax.device_get(fn(variables, x, m, targets))
+        s = out.scores
+        logits = out.logits[:n]
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        got = {
+            SCORE_COLUMNS["cell"]: s.cell[:n],
+            SCORE_COLUMNS["neighbors"]: s.neighbors[:n],
+            SCORE_COLUMNS["background"]: s.background[:n],
+            SCORE_COLUMNS["chance"]: s.chance[:n],
+            "Metadata_GradCAMO_Undefined": s.cam_zero[:n],
+            "Metadata_Target": out.targets[:n],
+            "Metadata_Predicted": logits.argmax(axis=1),
+            "__probs": probs,
+        }
+        for layer in config.layers:
+            got[f"__feat_{layer}"] = out.features[layer][:n]
+        for k, v in got.items():
+            cols.setdefault(k, []).append(np.asarray(v))
+        if out.cam is not None:
+            sel = sampled[(sampled >= first) & (sampled < first + n)]
+            if len(sel):
+                cams.append(np.asarray(out.cam[sel - first], np.float16))
+                cam_idx.append(sel)
+        if on_batch is not None:
+            on_batch(n)
+    meta = cells.iloc[rows[0] : rows[1]]
+    meta = meta[[c for c in meta.columns if c.startswith("Metadata_")]].reset_index(drop=True)
+    data = {k: np.concatenate(v) for k, v in cols.items()}
+    probs = data.pop("__probs")
+    extra = {k: v for k, v in data.items() if not k.startswith("__feat_")}
+    extra.update({f"Metadata_Prob_{k}": probs[:, k] for k in range(probs.shape[1])})
+    frames = [meta, pd.DataFrame(extra)]
+    for layer in config.layers:
+        f = data[f"__feat_{layer}"]
+        frames.append(pd.DataFrame(f.astype(np.float32), columns=feature_names(model.config, layer, f.shape[1])))
+    table = pd.concat(frames, axis=1)
+    zyx = store.mask.shape[1:]
+    cam_arr = np.concatenate(cams) if cams else np.zeros((0, *zyx), np.float16)
+    return table, (np.concatenate(cam_idx) if cam_idx else np.zeros((0,), np.int64)), cam_arr
+
+
+def _check_manifest(out_dir: Path, manifest: dict) -> None:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        formats.write_json(manifest, path)
+        return
+    old = formats.read_json(path)
+    if old != json.loads(json.dumps(manifest)):
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != json.loads(json.dumps(manifest)).get(k))
+        raise ValueError(
+            f"{out_dir} holds profiles from another run (differs in {diff}); resume with the same "
+            "checkpoint, data and settings, or score into a new --out folder"
+        )
+
+
+def score_dataset(
+    model: EfficientNet,
+    variables,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: ScoreConfig = ScoreConfig(),
+    *,
+    progress: bool = True,
+    max_parts: int | None = None,
+) -> dict:
+    """Score every cell of a dataset (cells.parquet + crops.zarr) into Parquet parts; resumable.
+
+    Args:
+      model: `EfficientNet` (BatchNorm in inference mode).
+      variables: ``{"params", "batch_stats"}`` of a trained model.
+      data_dir: the cell dataset folder (tools/crop.py output).
+      out_dir: profile folder (created; an interrupted run's folder resumes).
+      config: `ScoreConfig`.
+      progress: show a tqdm bar with cells/s.
+      max_parts: stop after this many newly scored parts (tests simulate interruptions).
+
+    Returns:
+      ``{"n_cells", "parts", "scored_parts", "skipped_parts", "seconds", "cells_per_s"}``
+      for this process.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    cells = formats.read_cells(data_dir)
+    store = formats.open_crops(data_dir)
+    if "Metadata_Row" in cells:
+        rows = cells["Metadata_Row"].to_numpy()
+        if not np.array_equal(rows, np.arange(len(cells))):
+            raise ValueError(f"{data_dir}: cells.parquet Metadata_Row is not 0…N-1 in order; re-run the crop merge")
+    if len(store) != len(cells):
+        raise ValueError(f"{data_dir}: {len(cells)} rows in cells.parquet but {len(store)} crops; re-run the crop merge")
+    manifest = {
+        "layer": config.layer,
+        "method": config.method,
+        "feature_layers": list(config.layers),
+        "rows_per_shard": config.rows_per_shard,
+        "cam_sample": config.cam_sample,
+        "model": dataclasses.asdict(model.config),
+        **_fingerprint(cells, variables),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        _check_manifest(out_dir, manifest)
+    n = len(cells)
+    bounds = [(s, min(s + config.rows_per_shard, n)) for s in range(0, n, config.rows_per_shard)]
+    mine = [k for k in range(len(bounds)) if k % jax.process_count() == jax.process_index()]
+    todo = [k for k in mine if not (out_dir / PART.format(k)).exists()]
+    if max_parts is not None:
+        todo = todo[:max_parts]
+    total = sum(bounds[k][1] - bounds[k][0] for k in todo)
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="cell", desc="score", disable=not progress, smoothing=0.1) as bar:
+        for k in todo:
+            table, idx, cams = score_part(model, variables, store, cells, bounds[k], config, on_batch=bar.update)
+            if len(idx):
+                # CAMs first: a part's parquet file is the marker that the whole part is done.
+                formats.write_arrays(out_dir / CAM_DIR / PART.format(k).replace(".parquet", ".zarr"),
+                                     {"cam": cams, "row": idx}, attrs={"layer": config.layer, "method": config.method})
+            formats.write_table(table, out_dir / PART.format(k))
+    dt = time.perf_counter() - t0
+    return {
+        "n_cells": n,
+        "parts": len(bounds),
+        "scored_parts": len(todo),
+        "skipped_parts": len(mine) - len(todo) if max_parts is None else None,
+        "seconds": dt,
+        "cells_per_s": total / dt if dt > 0 else float("nan"),
+    }
+
+
+def read_profiles(out_dir: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """All parts of a profile folder, in row order (pandas). Raises if parts are missing."""
+    out_dir = Path(out_dir)
+    manifest = formats.read_json(out_dir / MANIFEST)
+    n_parts = -(-manifest["n_cells"] // manifest["rows_per_shard"])
+    missing = [k for k in range(n_parts) if not (out_dir / PART.format(k)).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{out_dir}: {len(missing)} of {n_parts} profile parts missing (first: {PART.format(missing[0])}); "
+            "re-run `gradcamo score` with the same arguments to finish"
+        )
+    return pd.concat([formats.read_table(out_dir / PART.format(k)) if columns is None else
+                      pd.read_parquet(out_dir / PART.format(k), columns=list(columns)) for k in range(n_parts)],
+                     ignore_index=True)
+
+
+def read_cams(out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Saved CAM volumes of a profile folder: ``(rows (M,), cams (M, Z, Y, X) float16)``."""
+    parts = sorted((Path(out_dir) / CAM_DIR).glob("part-*.zarr"))
+    if not parts:
+        return np.zeros((0,), np.int64), np.zeros((0, 0, 0, 0), np.float16)
+    loaded = [formats.read_arrays(p) for p in parts]
+    return np.concatenate([a["row"] for a in loaded]), np.concatenate([a["cam"] for a in loaded])
+
+
+__all__ = ["ScoreConfig", "cam_rows", "feature_names", "read_cams", "read_profiles", "score_dataset", "score_part"]

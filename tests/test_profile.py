@@ -1,0 +1,201 @@
+"""Bulk scoring to Parquet: the same numbers as `explain` on the whole array, pycytominer-style
+columns, CAM audit volumes, resume after a real kill -9 without duplicated or dropped cells."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import blob_masks
+from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, explain, gradcamo, init
+from gradcamo_jax.data import formats
+from gradcamo_jax.profile import PART, ScoreConfig, cam_rows, read_cams, read_profiles, score_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ModelConfig("tiny", num_classes=3, stem_stride=(1, 2, 2), conv_impl="xla")
+SPATIAL, CHANNELS, N = (5, 20, 16), 3, 37
+
+
+def make_dataset(path: Path, n: int = N, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(n, *SPATIAL, CHANNELS)).astype(np.float16)
+    masks = blob_masks(n, SPATIAL, seed)
+    formats.write_crop_store(path / "crops.zarr", images, masks, attrs={"channels": ["DNA", "ER", "Mito"]})
+    cells = pd.DataFrame(
+        {
+            "Metadata_Plate": "P1",
+            "Metadata_Well": [f"A{i % 4:02d}" for i in range(n)],
+            "Metadata_Site": [i % 3 for i in range(n)],
+            "Metadata_ObjectNumber": np.arange(1, n + 1),
+            "Metadata_Dose": np.where(np.arange(n) % 4 == 0, 0.0, 1.6),
+            "Metadata_Row": np.arange(n),
+            "FileName_Image": "site.tif",  # not Metadata_: must not reach the profiles
+        }
+    )
+    formats.write_cells(cells, path)
+    return path
+
+
+def model_and_variables(seed: int = 0):
+    model = EfficientNet(CONFIG)
+    key = jax.random.key(seed)
+    v = init(CONFIG, key, (*SPATIAL, CHANNELS))
+    v = calibrate_batch_stats(model, v, jax.random.normal(jax.random.fold_in(key, 1), (8, *SPATIAL, CHANNELS)))
+    return model, v
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    base = tmp_path_factory.mktemp("score")
+    data = make_dataset(base / "data")
+    model, v = model_and_variables()
+    cfg = ScoreConfig(layer="stage4", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
+    stats = score_dataset(model, v, data, base / "profiles", cfg, progress=False)
+    return base, data, model, v, cfg, stats
+
+
+def test_profiles_equal_one_explain_call_on_all_cells(scored):
+    base, data, model, v, cfg, stats = scored
+    assert stats["parts"] == 3 and stats["scored_parts"] == 3
+    prof = read_profiles(base / "profiles")
+    store = formats.open_crops(data)
+    ref = explain(model, v, store.image[:].astype(np.float32), store.mask[:], layer="stage4",
+                  feature_layers=("stage4", "top"), return_cam=True)
+    np.testing.assert_array_equal(prof["Metadata_ObjectNumber"], np.arange(1, N + 1))
+    np.testing.assert_allclose(prof["Metadata_GradCAMO"], ref.scores.cell, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(prof["Metadata_GradCAMO_Neighbors"], ref.scores.neighbors, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(prof["Metadata_GradCAMO_Chance"], ref.scores.chance, rtol=1e-6)
+    # an independent recomputation of the score from the maps (NumPy, float64)
+    cam = np.asarray(ref.cam, np.float64)
+    inside = (cam * (store.mask[:] == 1)).sum(axis=(1, 2, 3)) / cam.sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(prof["Metadata_GradCAMO"], inside, rtol=1e-5)
+    np.testing.assert_array_equal(prof["Metadata_Predicted"], np.argmax(ref.logits, axis=1))
+    probs = prof[[f"Metadata_Prob_{k}" for k in range(3)]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-6)
+    feats = [c for c in prof.columns if c.startswith("EfficientNetTiny_top_")]
+    np.testing.assert_allclose(prof[feats].to_numpy(), ref.features["top"], rtol=1e-5, atol=1e-6)
+
+
+def test_columns_are_pycytominer_style(scored):
+    base, *_ = scored
+    prof = read_profiles(base / "profiles")
+    meta = [c for c in prof.columns if c.startswith("Metadata_")]
+    feats = [c for c in prof.columns if not c.startswith("Metadata_")]
+    for col in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber", "Metadata_Dose",
+                "Metadata_GradCAMO", "Metadata_GradCAMO_Neighbors", "Metadata_GradCAMO_Background",
+                "Metadata_GradCAMO_Chance", "Metadata_GradCAMO_Undefined", "Metadata_Predicted", "Metadata_Target"):
+        assert col in meta
+    assert "FileName_Image" not in prof.columns
+    assert all(c.startswith(("EfficientNetTiny_stage4_", "EfficientNetTiny_top_")) for c in feats)
+    assert all(np.issubdtype(prof[c].dtype, np.floating) for c in feats)
+    # every part is plain Parquet readable by pandas on its own
+    part = pd.read_parquet(base / "profiles" / PART.format(1))
+    assert len(part) == 16 and part["Metadata_Row"].iloc[0] == 16
+
+
+def test_cam_sample_saved_for_audit(scored):
+    base, data, model, v, cfg, _ = scored
+    rows, cams = read_cams(base / "profiles")
+    np.testing.assert_array_equal(rows, cam_rows(N, 5))
+    store = formats.open_crops(data)
+    ref = explain(model, v, store.image[rows].astype(np.float32), store.mask[rows], layer="stage4", return_cam=True)
+    np.testing.assert_allclose(cams.astype(np.float32), ref.cam, rtol=2e-3, atol=2e-3 * float(np.max(ref.cam)))
+    np.testing.assert_allclose(gradcamo(cams.astype(np.float32), store.mask[rows]).cell, ref.scores.cell, atol=2e-3)
+
+
+def test_rerun_with_other_settings_refuses(scored):
+    base, data, model, v, cfg, _ = scored
+    with pytest.raises(ValueError, match="another run"):
+        score_dataset(model, v, data, base / "profiles", ScoreConfig(layer="stage5", rows_per_shard=16), progress=False)
+    stats = score_dataset(model, v, data, base / "profiles", cfg, progress=False)
+    assert stats["scored_parts"] == 0
+
+
+def test_nan_crop_names_the_cell(tmp_path):
+    data = make_dataset(tmp_path / "data", n=6)
+    store = formats.open_crops(data)
+    img = store.image[:]
+    img[4, 0, 0, 0, 0] = np.nan
+    formats.write_crop_store(data / "crops.zarr", img, store.mask[:])
+    model, v = model_and_variables()
+    with pytest.raises(ValueError, match=r"crop row 4 .*A00/site 1, object 5"):
+        score_dataset(model, v, data, tmp_path / "p", ScoreConfig(layer="stage4", batch_size=4), progress=False)
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import test_profile as t
+    from gradcamo_jax.profile import ScoreConfig, score_dataset
+    model, v = t.model_and_variables()
+    cfg = ScoreConfig(layer="stage4", batch_size=4, rows_per_shard=4)
+    slow = len(sys.argv) > 2
+    if slow:  # make each part take a while so the parent can kill us between and inside parts
+        import gradcamo_jax.profile as p
+        orig = p.score_part
+        def score_part(*a, **k):
+            time.sleep(0.4)
+            return orig(*a, **k)
+        p.score_part = score_part
+    score_dataset(model, v, {data!r}, sys.argv[1], cfg, progress=False)
+    """
+)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_neither_duplicates_nor_drops(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(ROOT / "tests"), data=str(data)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), "slow"], env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(killed.glob("part-*.parquet"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(killed.glob("part-*.parquet")))
+    assert 3 <= done_before < 10, "the kill must land in the middle of the run"
+    subprocess.run([sys.executable, str(script), str(killed)], env=env, check=True, timeout=300)
+    clean = tmp_path / "clean"
+    subprocess.run([sys.executable, str(script), str(clean)], env=env, check=True, timeout=300)
+    a, b = read_profiles(killed), read_profiles(clean)
+    assert len(a) == N
+    assert not a.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber"]).any()
+    assert not any(formats.is_temporary(p) for p in killed.iterdir()), "killed writer's temporary left behind"
+    pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_same_profiles(tmp_path, scored):
+    base, *_ = scored
+    script = tmp_path / "w8.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        import jax
+        assert jax.local_device_count() == 8, jax.devices()
+        import test_profile as t
+        from gradcamo_jax.profile import ScoreConfig, score_dataset
+        model, v = t.model_and_variables()
+        cfg = ScoreConfig(layer="stage4", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
+        score_dataset(model, v, {str(base / 'data')!r}, {str(tmp_path / 'p8')!r}, cfg, progress=False)
+        """
+    ))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=300)
+    a, b = read_profiles(tmp_path / "p8"), read_profiles(base / "profiles")
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-6)
