@@ -74,6 +74,7 @@ def test_match_edge_cases():
         metrics.match_f1(one, one[:1])
 
 
+@pytest.mark.slow  # numba-compiles cellpose's matcher
 def test_match_agrees_with_cellpose_ap():
     """Cross-check with cellpose's own matcher on random blob labels: AP = tp / (tp + fp + fn)."""
     cp_metrics = pytest.importorskip("cellpose.metrics")
@@ -223,3 +224,174 @@ def test_missing_image_fails_before_any_work(tmp_path, caplog):
         rc = segment.main(["run", "--plate-map", str(pm), "--out", str(out), "--model", str(model)])
     assert rc == 2 and "A02.tiff" in caplog.text and "row 2" in caplog.text
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- with a real (offline) model
+
+import _cellpose_offline as offline  # noqa: E402  (imports cellpose lazily)
+
+from gradcamo_jax.data import synthetic  # noqa: E402
+
+# The offline model sees cells rescaled to its diam_mean (15 px); 48-pixel tiles (as in training)
+# cover these small fields without padding them to Cellpose's default 224.
+RUN_ARGS = ["--cyto", "AGP", "--nucleus", "DNA", "--tile-size", "48", "--threads", "2"]
+
+
+@pytest.fixture(scope="session")
+def offline_model(request, tmp_path_factory) -> Path:
+    """The offline Cellpose model, trained once and cached across sessions (see module docstring)."""
+    pytest.importorskip("cellpose")
+    cache = getattr(request.config, "cache", None)
+    folder = Path(cache.mkdir("cellpose-offline")) if cache is not None else tmp_path_factory.mktemp("cellpose-offline")
+    with pytest.MonkeyPatch.context() as mp:
+        # Nothing may land under the home folder, even if cellpose decided to look there.
+        mp.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path_factory.mktemp("cellpose-models")))
+        return offline.cached_offline_model(folder, offline.OfflineRecipe(), threads=2)
+
+
+def plate_config(**kw) -> synthetic.SynthConfig:
+    """Three sites (control, 1.6x, 40x; the last one empty) in the training geometry, unseen seed."""
+    base = dict(doses=(1.6, 40.0), wells_per_dose=1, sites_per_well=1, field_shape=(7, 64, 64),
+                cell_radius=(2.5, 11.0, 11.0), cells_per_site=8, psf_sigma=(0.8, 0.7, 0.7), empty_sites=1, seed=7)
+    return synthetic.SynthConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def segmented(offline_model, tmp_path_factory):
+    """A synthetic plate segmented as two shards (SLURM-style) and merged."""
+    root = tmp_path_factory.mktemp("seg-plate")
+    pm = synthetic.write_plate(plate_config(), root / "plate")
+    out = root / "seg"
+    home_cellpose = Path.home() / ".cellpose"
+    existed = home_cellpose.exists()
+    logs = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: logs.append((rec.levelno, rec.getMessage()))
+    logging.getLogger("segment").addHandler(handler)
+    try:
+        base = ["run", "--plate-map", str(pm), "--out", str(out), "--model", str(offline_model), *RUN_ARGS]
+        assert segment.main([*base, "--shard", "0/2"]) == 0
+        assert segment.main([*base, "--shard", "1/2"]) == 0
+        assert segment.main(["merge", "--plate-map", str(pm), "--out", str(out)]) == 0
+    finally:
+        logging.getLogger("segment").removeHandler(handler)
+    assert existed or not home_cellpose.exists(), "cellpose wrote under the home folder"
+    return pm, out, logs
+
+
+@pytest.mark.slow
+def test_offline_model_recipe(offline_model):
+    meta = offline.read_offline_meta(offline_model)
+    assert meta["key"] == offline.recipe_key(offline.OfflineRecipe())
+    assert meta["ap50_heldout"] >= 0.7, meta
+    # Loads through the public cellpose API as a plain model file, with the recipe's diameter.
+    m = segment.load_model(segment.resolve_model(str(offline_model), 3), segment.pick_device("cpu"), 3)
+    assert float(m.diam_mean) == offline.OfflineRecipe().diam_mean
+
+
+@pytest.mark.slow
+def test_end_to_end_sharded_plate(segmented):
+    pm, out, logs = segmented
+    plate = formats.read_plate_map(pm)
+    summary = pd.read_csv(out / "summary.csv", dtype={"Metadata_Well": str}, keep_default_na=False)
+    assert len(summary) == len(plate) == 3
+    assert sorted((out / "summary").iterdir()) == [out / "summary" / "shard-0-of-2.csv", out / "summary" / "shard-1-of-2.csv"]
+    for row, rec in zip(plate.itertuples(), summary.itertuples()):
+        stack_shape = formats.stack_shape(row.FileName_Image)
+        lab = formats.read_labels(out / rec.FileName_Labels, expect_shape=stack_shape)
+        ids = np.unique(lab[lab > 0])
+        # ids 1..n, and each id occupies one unbroken run of slices (consistent across z)
+        np.testing.assert_array_equal(ids, np.arange(1, rec.n_cells + 1))
+        for i in ids:
+            zs = np.flatnonzero((lab == i).any(axis=(1, 2)))
+            assert zs.size == zs[-1] - zs[0] + 1, f"{rec.site_id}: id {i} skips slices {zs}"
+    empty = summary.iloc[-1]
+    assert empty.status == "no_cells" and empty.n_cells == 0
+    assert any(lvl == logging.WARNING and empty.site_id in msg and "no cells" in msg for lvl, msg in logs)
+    assert (summary.iloc[:2].status == "ok").all() and (summary.iloc[:2].n_cells > 0).all()
+    totals = formats.read_json(out / "summary.json")
+    assert totals["n_cells"] == summary.n_cells.sum() and totals["n_no_cells"] == 1 and totals["missing"] == []
+    # The plate map for tools/crop.py points at our labels.
+    pm2 = formats.read_plate_map(out / "plate_map.csv")
+    assert [Path(p).resolve() for p in pm2.FileName_Labels] == [(out / f).resolve() for f in summary.FileName_Labels]
+
+
+@pytest.mark.slow
+def test_f1_against_true_labels(segmented, capsys):
+    pm, out, _ = segmented
+    assert segment.main(["evaluate", "--plate-map", str(pm), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    f1 = pd.read_csv(out / "f1.csv")
+    assert len(f1) == 3 and "mean F1@0.5" in printed
+    cells, empty = f1.iloc[:2], f1.iloc[2]
+    assert (cells.n_true > 0).all()
+    assert cells.f1.min() >= 0.7, f1
+    assert empty.n_true == 0 and empty.n_pred == 0 and empty.f1 == 1.0
+
+
+@pytest.mark.slow
+def test_rerun_skips_done_sites(segmented, monkeypatch, caplog):
+    pm, out, _ = segmented
+    labels = sorted((out / "labels").iterdir())
+    before = [p.stat().st_mtime_ns for p in labels]
+
+    def no_model(*a, **k):
+        raise AssertionError("a fully done run must not even load the model")
+
+    monkeypatch.setattr(segment, "load_model", no_model)
+    model = formats.read_json(out / "segment_config.json")["model"]
+    with caplog.at_level(logging.INFO, logger="segment"):
+        rc = segment.main(["run", "--plate-map", str(pm), "--out", str(out), "--model", model, *RUN_ARGS])
+    assert rc == 0 and caplog.text.count("skipped") == 3
+    assert [p.stat().st_mtime_ns for p in labels] == before
+    # Other settings into the same folder: refused, nothing redone.
+    rc = segment.main(["run", "--plate-map", str(pm), "--out", str(out), "--model", model, *RUN_ARGS, "--stitch-threshold", "0.3"])
+    assert rc == 2 and "other settings" in caplog.text and "stitch_threshold" in caplog.text
+
+
+@pytest.mark.slow
+def test_corrupt_tiff_named_and_nothing_half_written(offline_model, tmp_path, caplog):
+    pm = synthetic.write_plate(plate_config(empty_sites=0, seed=8), tmp_path / "plate")
+    plate = formats.read_plate_map(pm)
+    bad = Path(plate.FileName_Image[1])
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated copy
+    out = tmp_path / "seg"
+    args = ["run", "--plate-map", str(pm), "--out", str(out), "--model", str(offline_model), *RUN_ARGS]
+    with caplog.at_level(logging.ERROR, logger="segment"):
+        assert segment.main(args) == 2
+    assert str(bad) in caplog.text and "corrupt" in caplog.text
+    sids = [formats.site_id(*r) for r in plate[list(formats.SITE_KEY)].itertuples(index=False)]
+    assert segment.label_path(out, sids[0]).exists()  # done before the bad one
+    assert not segment.label_path(out, sids[1]).exists() and not segment.record_path(out, sids[1]).exists()
+    assert not any(formats.is_temporary(p) for p in out.rglob("*"))
+    # --keep-going: the bad site is recorded as an error, the others are done, the exit code says so.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="segment"):
+        assert segment.main([*args, "--keep-going"]) == 2
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    assert list(summary.status) == ["ok", "error", "ok"]
+    assert str(bad) in summary.message[1] and summary.FileName_Labels[1] == ""
+    assert not segment.label_path(out, sids[1]).exists()
+    assert "1 site(s) failed" in caplog.text
+    assert len(formats.read_plate_map(out / "plate_map.csv")) == 2  # crop.py gets only the good sites
+
+
+@pytest.mark.slow
+def test_cli_in_a_fresh_process_never_imports_torchvision(offline_model, tmp_path):
+    """The script runs as a program; torchvision (a CUDA build that fails to import here) stays out."""
+    pm = synthetic.write_plate(plate_config(doses=(40.0,), empty_sites=0, seed=9), tmp_path / "plate")
+    out = tmp_path / "seg"
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['segment.py', 'run', '--plate-map', {str(pm)!r}, '--out', {str(out)!r}, "
+        f"'--model', {str(offline_model)!r}, *{RUN_ARGS!r}]\n"
+        "try:\n    runpy.run_path('tools/segment.py', run_name='__main__')\n"
+        "except SystemExit as e:\n    rc = e.code\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision was imported'\n"
+        "sys.exit(rc)\n"
+    )
+    env = {**os.environ, "CELLPOSE_LOCAL_MODELS_PATH": str(tmp_path / "models")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "merged 1 shard summaries: 2 sites" in proc.stderr
+    assert len(list((out / "labels").iterdir())) == 2

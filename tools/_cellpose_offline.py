@@ -3,9 +3,10 @@
 Why: pretrained Cellpose weights (cyto3, nuclei, cpsam) download from the internet on first use.
 Tests, CI and air-gapped users need a model made here. The recipe below trains the default
 Cellpose-3 network (CPnet, 6.6 M parameters) from random weights with ``cellpose.train.train_seg``
-on two-channel images (channel 0 = cytoplasm, channel 1 = nucleus) of crowded, touching,
-ellipsoidal cells with nuclei. It is a stand-in for testing the tooling, not a replacement for
-cyto3 on real data.
+on two-channel z-slices (AGP = cell body, DNA = nucleus) of the project's own synthetic plates
+(crowded, touching cells; ``gradcamo_jax.data.synthetic``). It is a stand-in for testing the
+tooling and for the synthetic demo, not a replacement for cyto3 on real data: it has only ever
+seen synthetic cells.
 
 Cellpose 3.x only: cellpose 4 replaced CPnet with the Cellpose-SAM transformer (cpsam), whose
 from-scratch training is out of reach on a CPU; under 4.x :func:`train_offline_model` refuses
@@ -17,6 +18,7 @@ synthetic-image helpers stay importable without them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,27 +39,35 @@ log = logging.getLogger(__name__)
 class OfflineRecipe:
     """Everything that determines the offline model (its hash names the cached file).
 
+    Training images are z-slices of synthetic Cell Painting sites from
+    ``gradcamo_jax.data.synthetic`` (the "demo" preset geometry, with its own seed so test plates
+    are unseen): channel 0 = AGP (membrane rim + actin, the cell body), channel 1 = DNA.
+
     Attributes:
-      n_train: number of synthetic training images.
-      n_test: held-out synthetic images for the AP@0.5 check after training.
-      size: image side in pixels (square images).
-      cells: (min, max) cells per image; crowded so neighbours touch.
-      radius: (min, max) semi-axis of a cell ellipse in pixels (diameters ~16-30 px).
-      n_epochs: training epochs (each visits every training image once).
-      bsize: training tile side; equal to ``size`` so one tile covers an image.
+      n_train: number of training slices (taken from ``n_train // slices_per_site`` sites).
+      n_test: held-out slices (other sites) for the AP@0.5 check after training.
+      slices_per_site: slices drawn per synthetic site, spread over its middle z range.
+      field: (Z, Y, X) of the synthetic sites the slices come from.
+      cell_radius: (z, y, x) mean semi-axes of the synthetic cells (diameter ~22 px in XY).
+      diam_mean: the diameter the network rescales cells to (Cellpose's default is 30). 15 lets
+        a 48-pixel tile hold as many cells as a 96-pixel one at 30, for a quarter of the compute;
+        it is stored in the model file and eval rescales by it.
+      n_epochs: training epochs (each visits every training slice once).
+      bsize: training tile side.
       batch_size: tiles per optimiser step.
       learning_rate, weight_decay: AdamW settings passed to ``train_seg``.
-      min_train_masks: images with fewer masks are skipped by cellpose (1 keeps all).
-      seed: seeds the synthetic images and torch's weight initialisation.
+      min_train_masks: slices with fewer masks are skipped by cellpose (1 keeps all).
+      seed: seeds the synthetic sites and torch's weight initialisation.
     """
 
     n_train: int = 20
     n_test: int = 4
-    size: int = 96
-    cells: tuple[int, int] = (6, 11)
-    radius: tuple[float, float] = (8.0, 15.0)
+    slices_per_site: int = 2
+    field: tuple[int, int, int] = (9, 96, 96)
+    cell_radius: tuple[float, float, float] = (2.5, 11.0, 11.0)
+    diam_mean: float = 15.0
     n_epochs: int = 60
-    bsize: int = 96
+    bsize: int = 48
     batch_size: int = 8
     learning_rate: float = 0.005
     weight_decay: float = 1e-5
@@ -65,63 +75,42 @@ class OfflineRecipe:
     seed: int = 0
 
 
-def synth_slice(rng: np.random.Generator, recipe: OfflineRecipe) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic two-channel slice with its instance labels.
-
-    Cells are ellipses; where two ellipses overlap each pixel goes to the cell whose normalised
-    elliptical distance is smallest, so touching neighbours share a boundary (a power-diagram
-    split) as in crowded Cell Painting fields. Cytoplasm brightness differs per cell and falls off
-    towards the edge, which gives the network a boundary cue between touching cells.
+def synth_slices(recipe: OfflineRecipe, n: int, first_site: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``n`` training slices from synthetic sites ``first_site, first_site + 1, ...`` (deterministic).
 
     Returns:
-      image: (2, Y, X) float32, channel 0 = cytoplasm, channel 1 = nucleus (arbitrary units).
-      labels: (Y, X) int32, 0 = background, 1..n = cells (each one connected component).
+      images: list of (2, Y, X) float32, channel 0 = AGP, channel 1 = DNA.
+      labels: list of (Y, X) int32 true labels of the same slices (0 = background).
     """
-    s = recipe.size
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float64)
-    n = int(rng.integers(recipe.cells[0], recipe.cells[1] + 1))
-    best = np.full((s, s), np.inf)
-    owner = np.zeros((s, s), np.int32)
-    nuc = np.zeros((s, s))
-    cyto = np.zeros((s, s))
-    dist_of_owner = np.zeros((s, s))
-    brightness = rng.uniform(0.35, 1.0, n)
-    for i in range(n):
-        cy, cx = rng.uniform(4, s - 4, 2)
-        a, b = rng.uniform(*recipe.radius, 2)
-        th = rng.uniform(0, np.pi)
-        dy, dx = yy - cy, xx - cx
-        u = (dx * np.cos(th) + dy * np.sin(th)) / a
-        v = (-dx * np.sin(th) + dy * np.cos(th)) / b
-        d = np.sqrt(u**2 + v**2)
-        take = (d <= 1.0) & (d < best)
-        best[take] = d[take]
-        owner[take] = i + 1
-        dist_of_owner[take] = d[take]
-        # Nucleus: ~45 % of the cell's axes, slightly off-centre.
-        off = rng.normal(0, 0.1, 2)
-        dn = np.sqrt((u - off[0]) ** 2 + (v - off[1]) ** 2) / 0.45
-        nuc = np.maximum(nuc, np.clip(1.2 - dn, 0, 1) * rng.uniform(0.6, 1.0))
-    for i in range(n):
-        sel = owner == i + 1
-        cyto[sel] = brightness[i] * (1.0 - 0.55 * dist_of_owner[sel] ** 2)
-    # A nucleus only shows where its cell is visible (occluded parts belong to the neighbour).
-    nuc = nuc * (owner > 0)
-    labels = _clean_labels(owner, min_area=30)
-    texture = ndi.gaussian_filter(rng.normal(0, 1, (s, s)), 1.5)
-    cyto = ndi.gaussian_filter(cyto * (1 + 0.25 * texture), 1.0)
-    nuc = ndi.gaussian_filter(nuc, 1.0)
-    image = np.stack([cyto, nuc]) * 200.0 + 20.0
-    image = rng.poisson(np.clip(image, 0, None)).astype(np.float32) + rng.normal(0, 3, image.shape)
-    return image.astype(np.float32), labels
+    from gradcamo_jax.data import formats, synthetic
+
+    config = synthetic.SynthConfig(
+        field_shape=recipe.field, cell_radius=recipe.cell_radius, cells_per_site=20,
+        psf_sigma=(0.8, 0.7, 0.7), seed=10_000 + recipe.seed,
+    )
+    agp, dna = formats.CHANNELS.index("AGP"), formats.CHANNELS.index("DNA")
+    z_mid = recipe.field[0] // 2
+    offsets = np.linspace(-1, 1, recipe.slices_per_site).round().astype(int) if recipe.slices_per_site > 1 else [0]
+    images, labels = [], []
+    site = first_site
+    while len(images) < n:
+        # Classes cycle so the training set sees every dose's appearance.
+        stack, lab, _, _ = synthetic.synth_site(config, site % (len(config.doses) + 1), site)
+        for dz in offsets:
+            if len(images) < n:
+                z = int(np.clip(z_mid + dz, 0, recipe.field[0] - 1))
+                images.append(stack[z][[agp, dna]].astype(np.float32))
+                labels.append(_clean_labels(lab[z], min_area=10))
+        site += 1
+    return images, labels
 
 
-def _clean_labels(owner: np.ndarray, min_area: int) -> np.ndarray:
+def _clean_labels(labels: np.ndarray, min_area: int) -> np.ndarray:
     """Keep each label's largest connected component, drop those under ``min_area``, renumber."""
-    out = np.zeros_like(owner)
+    out = np.zeros(labels.shape, np.int32)
     k = 0
-    for lab in np.unique(owner[owner > 0]):
-        comp, ncomp = ndi.label(owner == lab)
+    for lab in np.unique(labels[labels > 0]):
+        comp, ncomp = ndi.label(labels == lab)
         if ncomp == 0:
             continue
         sizes = np.bincount(comp.ravel())[1:]
@@ -132,30 +121,37 @@ def _clean_labels(owner: np.ndarray, min_area: int) -> np.ndarray:
     return out
 
 
-def synth_set(recipe: OfflineRecipe, n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``n`` synthetic slices from :func:`synth_slice` with a fixed seed (deterministic)."""
-    rng = np.random.default_rng(seed)
-    pairs = [synth_slice(rng, recipe) for _ in range(n)]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
 def cellpose_version() -> str:
     """Installed cellpose version string, e.g. '3.1.1.3' (without importing cellpose)."""
     return metadata.version("cellpose")
 
 
 def recipe_key(recipe: OfflineRecipe) -> str:
-    """Short hash of the recipe plus cellpose/torch versions: names the cached model file."""
+    """Short hash naming the cached model: the recipe, cellpose/torch versions and the bytes of
+    the training and held-out slices themselves (so an edit of the synthetic generator that
+    changes them trains a new model, and one that does not keeps the cache)."""
     payload = json.dumps(
         {"recipe": asdict(recipe), "cellpose": cellpose_version(), "torch": metadata.version("torch"),
-         "generator": _GENERATOR_VERSION},
+         "data": training_data_hash(recipe)},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-# Bump when synth_slice changes in a way that changes the images (invalidates cached models).
-_GENERATOR_VERSION = 1
+@functools.lru_cache(maxsize=4)
+def training_data_hash(recipe: OfflineRecipe) -> str:
+    """SHA-256 (12 hex digits) of the recipe's training and held-out slices and labels."""
+    h = hashlib.sha256()
+    for first, n in ((0, recipe.n_train), (_TEST_FIRST_SITE, recipe.n_test)):
+        images, labels = synth_slices(recipe, n, first)
+        for a in (*images, *labels):
+            h.update(str(a.shape).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:12]
+
+
+# Held-out slices come from sites far after the training ones.
+_TEST_FIRST_SITE = 1000
 
 
 def _require_cellpose3() -> None:
@@ -168,13 +164,14 @@ def _require_cellpose3() -> None:
         )
 
 
-def average_precision(model, images: list[np.ndarray], labels: list[np.ndarray], threshold: float = 0.5) -> float:
+def average_precision(model, images: list[np.ndarray], labels: list[np.ndarray], threshold: float = 0.5,
+                      tile: int = 96) -> float:
     """Mean over images of TP / (TP + FP + FN) at IoU ``threshold`` (cellpose's 'AP' convention)."""
     from _segment_metrics import match_f1
 
     vals = []
     for img, lab in zip(images, labels):
-        pred = model.eval(img, channels=[1, 2], channel_axis=0)[0]
+        pred = model.eval(img, channels=[1, 2], channel_axis=0, bsize=tile)[0]
         s = match_f1(lab, pred, threshold)
         denom = s.tp + s.fp + s.fn
         vals.append(s.tp / denom if denom else 1.0)
@@ -206,11 +203,11 @@ def train_offline_model(out_path: str | os.PathLike, recipe: OfflineRecipe = Off
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(recipe.seed)
-    train_x, train_y = synth_set(recipe, recipe.n_train, recipe.seed)
-    test_x, test_y = synth_set(recipe, recipe.n_test, recipe.seed + 10_000)
+    train_x, train_y = synth_slices(recipe, recipe.n_train, 0)
+    test_x, test_y = synth_slices(recipe, recipe.n_test, _TEST_FIRST_SITE)
     use_gpu = bool(gpu and torch.cuda.is_available())
     # pretrained_model=False: an untrained CPnet; nothing is looked up or downloaded.
-    model = models.CellposeModel(gpu=use_gpu, pretrained_model=False, model_type=None)
+    model = models.CellposeModel(gpu=use_gpu, pretrained_model=False, model_type=None, diam_mean=recipe.diam_mean)
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".train-") as tmp:
         path, _, _ = train.train_seg(
@@ -227,7 +224,7 @@ def train_offline_model(out_path: str | os.PathLike, recipe: OfflineRecipe = Off
         meta = {
             "recipe": asdict(recipe), "key": recipe_key(recipe), "cellpose": cellpose_version(),
             "torch": metadata.version("torch"), "train_seconds": round(seconds, 1),
-            "bytes": Path(path).stat().st_size, "ap50_heldout": ap,
+            "bytes": Path(path).stat().st_size, "data": training_data_hash(recipe), "ap50_heldout": ap,
             "diam_labels": float(trained.diam_labels),
         }
         sidecar = Path(tmp) / "meta.json"

@@ -33,6 +33,12 @@ Usage:
   python tools/segment.py evaluate --plate-map plate/plate_map.csv --out seg   # F1 vs FileName_Labels
   python tools/segment.py train-offline --out models/cellpose_offline
 
+A SLURM job array of N shards, then the merge:
+  #SBATCH --array=0-15
+  python tools/segment.py run --plate-map pm.csv --out seg --shard $SLURM_ARRAY_TASK_ID/16 ...
+  # afterwards (e.g. sbatch --dependency=afterok:<array job id>):
+  python tools/segment.py merge --plate-map pm.csv --out seg
+
 torch/cellpose are imported only here (tools/), lazily, and never torchvision.
 """
 
@@ -101,6 +107,9 @@ class SegmentConfig:
       cap_overlap: minimum fraction of the cap's end face that must overlap the object it merges
         into (intersection over the cap's area, not IoU: a cap is small, so IoU is low).
       batch_size: Cellpose tiles per forward pass.
+      tile_size: Cellpose tile side (``bsize``). 224 is what the built-in models were trained on;
+        a model trained on smaller tiles (the offline model: 48) runs as well and much faster on
+        small fields with a smaller tile, since an image smaller than a tile is padded to it.
     """
 
     model: str = "cyto3"
@@ -118,6 +127,7 @@ class SegmentConfig:
     cap_max_slices: int = 2
     cap_overlap: float = 0.5
     batch_size: int = 8
+    tile_size: int = 224
 
     def __post_init__(self):
         names = list(self.channel_names)
@@ -290,7 +300,7 @@ def run_cellpose(model, x: np.ndarray, cfg: SegmentConfig, major: int) -> np.nda
     is why the two channels are selected beforehand.
     """
     kw = dict(
-        batch_size=cfg.batch_size, diameter=cfg.diameter, flow_threshold=cfg.flow_threshold,
+        batch_size=cfg.batch_size, bsize=cfg.tile_size, diameter=cfg.diameter, flow_threshold=cfg.flow_threshold,
         cellprob_threshold=cfg.cellprob_threshold, min_size=cfg.min_size,
     )
     if major < 4:
@@ -621,6 +631,7 @@ def evaluate(plate_map: str | os.PathLike, out: str | os.PathLike, *, truth_colu
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segment.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="also show cellpose's own progress messages")
     sub = p.add_subparsers(dest="command", required=True)
     d = SegmentConfig()
 
@@ -642,6 +653,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cap-max-slices", type=int, default=d.cap_max_slices, help=f"end caps to merge are at most this thick; 0 = off [{d.cap_max_slices}]")
     r.add_argument("--cap-overlap", type=float, default=d.cap_overlap, help=f"end-face coverage needed to merge a cap [{d.cap_overlap}]")
     r.add_argument("--batch-size", type=int, default=d.batch_size)
+    r.add_argument("--tile-size", type=int, default=d.tile_size, help=f"Cellpose tile side (bsize) [{d.tile_size}]")
     r.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N [auto]")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch default]")
     r.add_argument("--shard", default="0/1", help="INDEX/COUNT, 0-based, e.g. $SLURM_ARRAY_TASK_ID/$N [0/1]")
@@ -676,6 +688,7 @@ def config_from_args(a: argparse.Namespace) -> SegmentConfig:
         diameter=a.diameter, do_3d=a.do_3d, stitch_threshold=a.stitch_threshold, anisotropy=a.anisotropy,
         flow_threshold=a.flow_threshold, cellprob_threshold=a.cellprob_threshold, min_size=a.min_size,
         cap_max_slices=a.cap_max_slices, cap_overlap=a.cap_overlap, batch_size=a.batch_size,
+        tile_size=a.tile_size,
     )
 
 
@@ -683,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     a = _build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Plain logging (never cellpose's io.logger_setup, which writes ~/.cellpose/run.log); cellpose
+    # logs every slice at INFO, so it is quieted unless asked for.
+    logging.getLogger("cellpose").setLevel(logging.INFO if a.verbose else logging.WARNING)
     try:
         if a.command == "run":
             run(a.plate_map, a.out, config_from_args(a), shard=parse_shard(a.shard), device=a.device,
@@ -695,6 +711,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mean F1@{a.iou}: {table['f1'].mean():.3f}")
         elif a.command == "train-offline":
             import _cellpose_offline as off
+
+            logging.getLogger("cellpose.train").setLevel(logging.INFO)  # per-epoch losses
 
             changes = {k: v for k, v in (("n_epochs", a.epochs), ("seed", a.seed)) if v is not None}
             recipe = dataclasses.replace(off.OfflineRecipe(), **changes)
