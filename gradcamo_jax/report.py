@@ -1,0 +1,347 @@
+"""The audit report: one HTML page with PNG figures from a scored dataset.
+
+`make_report(profiles_dir, out_dir, data_dir=...)` writes ``out_dir/index.html`` and
+``out_dir/*.png`` (matplotlib, Agg backend):
+
+* ``umap.png`` — UMAP (umap-learn) of the sphered profiles, coloured by dose and, in a
+  second panel, by imaging site (the paper's Fig. 4A: site-coloured clusters mean a
+  batch effect survived).
+* ``overlays.png`` — the central z-slice of crops with the CAM over the image and the
+  mask outlines (central cell white, other cells cyan), for the highest- and
+  lowest-scoring cells and for cells whose attention sits mostly on a neighbour or on
+  background (Fig. 4B / 5A). Needs CAM volumes saved by ``gradcamo score --cam-sample``
+  and the crop store.
+* ``scores_by_dose.png``, ``scores_by_site.png`` — Grad-CAMO distributions with the
+  chance level (Fig. 5B).
+* ``attention_split.png`` — mean attention on cell / neighbours / background by dose.
+* headline numbers: dataset mean Grad-CAMO, fraction of cells > 0.5, mean chance level,
+  attention split, accuracy on held-out wells; and `summarize` tables by dose and site.
+
+`figures_from_profiles` makes the same figures for any profile table (a user's own
+plates; see experiments/paper_figures.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gradcamo_jax.gradcamo import SCORE_COLUMNS, summarize
+from gradcamo_jax.sphering import SpherizeConfig, feature_columns, spherize
+
+GCO = SCORE_COLUMNS["cell"]
+CHANCE = SCORE_COLUMNS["chance"]
+HELD_OUT = ("val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """Settings of the report.
+
+    Attributes:
+      sphering: how profiles are sphered before UMAP (controls = dose 0 by default);
+        None = raw features.
+      umap_max_cells: cells embedded by UMAP (a seeded random subset above this).
+      umap_neighbors: UMAP's n_neighbors (capped at N - 1).
+      seed: seed of subsampling and UMAP.
+      overlay_examples: cells shown per overlay row.
+      threshold: Grad-CAMO above which a cell counts as "on cell".
+    """
+
+    sphering: SpherizeConfig | None = SpherizeConfig()
+    umap_max_cells: int = 20000
+    umap_neighbors: int = 15
+    seed: int = 0
+    overlay_examples: int = 4
+    threshold: float = 0.5
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def headline(profiles: pd.DataFrame, threshold: float = 0.5) -> dict:
+    """Dataset-level numbers of a profile table (NaN scores excluded from means)."""
+    s = profiles[GCO]
+    out = {
+        "cells": int(len(profiles)),
+        "undefined_scores": int(s.isna().sum()),
+        "mean_gradcamo": float(s.mean()),
+        "median_gradcamo": float(s.median()),
+        "frac_above_threshold": float((s.dropna() > threshold).mean()) if s.notna().any() else float("nan"),
+        "mean_chance": float(profiles[CHANCE].mean()),
+        "attention_cell": float(s.mean()),
+        "attention_neighbors": float(profiles[SCORE_COLUMNS["neighbors"]].mean()),
+        "attention_background": float(profiles[SCORE_COLUMNS["background"]].mean()),
+    }
+    if {"Metadata_Predicted", "Metadata_Class"} <= set(profiles.columns):
+        correct = profiles["Metadata_Predicted"] == profiles["Metadata_Class"]
+        out["accuracy_all"] = float(correct.mean())
+        if "Metadata_Split" in profiles:
+            held = profiles["Metadata_Split"].isin(HELD_OUT)
+            out["accuracy_held_out_wells"] = float(correct[held].mean()) if held.any() else float("nan")
+            out["held_out_cells"] = int(held.sum())
+    return out
+
+
+def _embed(profiles: pd.DataFrame, config: ReportConfig) -> tuple[np.ndarray, pd.DataFrame]:
+    """2D UMAP coordinates of (a subset of) sphered profiles and the matching rows."""
+    import umap
+
+    sub = profiles
+    if len(sub) > config.umap_max_cells:
+        sub = sub.sample(config.umap_max_cells, random_state=config.seed).sort_index()
+    feats = feature_columns(sub)
+    x = sub
+    if config.sphering is not None:
+        try:
+            x = spherize(sub, config.sphering, feats)
+        except ValueError:
+            # Too few controls in some group: fall back to one global transform.
+            x = spherize(sub, dataclasses.replace(config.sphering, by=()), feats)
+    values = x[feature_columns(x)].to_numpy(np.float64)
+    values = np.nan_to_num(values)
+    if len(sub) < 4:
+        return np.zeros((len(sub), 2)), sub
+    reducer = umap.UMAP(n_neighbors=min(config.umap_neighbors, len(sub) - 1), random_state=config.seed, n_jobs=1)
+    return reducer.fit_transform(values), sub
+
+
+def plot_umap(profiles: pd.DataFrame, path: Path, config: ReportConfig = ReportConfig()) -> Path:
+    plt = _plt()
+    xy, sub = _embed(profiles, config)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    dose = sub["Metadata_Dose"].to_numpy(float) if "Metadata_Dose" in sub else np.zeros(len(sub))
+    for d in np.unique(dose):
+        sel = dose == d
+        axes[0].scatter(xy[sel, 0], xy[sel, 1], s=4, alpha=0.6, label=f"{d:g}")
+    axes[0].legend(title="dose", markerscale=3, fontsize=8)
+    axes[0].set_title("UMAP of sphered profiles, by dose")
+    site = sub.get("Metadata_Site", pd.Series(np.zeros(len(sub)))).astype(str).to_numpy()
+    markers = "os^vD<>ph*"
+    for i, s in enumerate(np.unique(site)):
+        sel = site == s
+        axes[1].scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.6, marker=markers[i % len(markers)], label=s)
+    axes[1].legend(title="site", markerscale=2, fontsize=8)
+    axes[1].set_title("the same, by imaging site")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_distributions(profiles: pd.DataFrame, by: str, path: Path, label: str) -> Path:
+    """Box plots of Grad-CAMO per value of `by`, with each group's mean chance level."""
+    plt = _plt()
+    groups = sorted(profiles[by].dropna().unique())
+    data = [profiles.loc[profiles[by] == g, GCO].dropna().to_numpy() for g in groups]
+    chance = [profiles.loc[profiles[by] == g, CHANCE].mean() for g in groups]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(groups) + 2), 4))
+    ax.boxplot(data, showfliers=False)
+    for i, d in enumerate(data):
+        jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(d))
+        ax.scatter(np.full(len(d), i + 1) + jitter, d, s=3, alpha=0.3, color="tab:blue")
+    ax.plot(range(1, len(groups) + 1), chance, "r_", markersize=25, mew=2, label="chance (mask volume fraction)")
+    ax.set_xticks(range(1, len(groups) + 1), [f"{g:g}" if isinstance(g, float) else str(g) for g in groups])
+    ax.set_xlabel(label)
+    ax.set_ylabel("Grad-CAMO")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_attention_split(profiles: pd.DataFrame, path: Path, by: str = "Metadata_Dose") -> Path:
+    plt = _plt()
+    parts = [SCORE_COLUMNS["cell"], SCORE_COLUMNS["neighbors"], SCORE_COLUMNS["background"]]
+    means = profiles.groupby(by)[parts].mean() if by in profiles else profiles[parts].mean().to_frame().T
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(means) + 2), 4))
+    bottom = np.zeros(len(means))
+    for col, name, color in zip(parts, ("cell", "neighbours", "background"), ("tab:green", "tab:orange", "tab:gray")):
+        ax.bar(range(len(means)), means[col].to_numpy(), bottom=bottom, label=name, color=color)
+        bottom += means[col].to_numpy()
+    ax.set_xticks(range(len(means)), [f"{v:g}" if isinstance(v, float) else str(v) for v in means.index])
+    ax.set_xlabel(by.replace("Metadata_", "").lower())
+    ax.set_ylabel("mean fraction of attention")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _composite(image_yxc: np.ndarray, channels: Sequence[str]) -> np.ndarray:
+    """An RGB picture (Y, X, 3) in [0, 1] of a crop slice: DNA blue, AGP/ER green, Mito/RNA red
+    (the first channels when names are unknown), each clipped at its 99.5th percentile."""
+    names = [c.upper() for c in channels]
+    pick = {"r": ("MITO", "RNA"), "g": ("AGP", "ER"), "b": ("DNA",)}
+    c = image_yxc.shape[-1]
+    out = np.zeros((*image_yxc.shape[:2], 3))
+    for k, (key, wanted) in enumerate(pick.items()):
+        idx = next((names.index(w) for w in wanted if w in names), min(k, c - 1))
+        ch = image_yxc[..., idx].astype(np.float64)
+        lo, hi = np.percentile(ch, [1, 99.5])
+        out[..., k] = np.clip((ch - lo) / max(hi - lo, 1e-9), 0, 1)
+    return out
+
+
+def pick_examples(profiles: pd.DataFrame, rows: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Row numbers (``Metadata_Row``) among `rows` (cells with saved CAMs) to show: highest and
+    lowest Grad-CAMO, most attention on neighbours, most on background."""
+    p = profiles.set_index("Metadata_Row").loc[rows]
+    p = p[p[GCO].notna()]
+    return {
+        "highest Grad-CAMO": p[GCO].nlargest(k).index.to_numpy(),
+        "lowest Grad-CAMO": p[GCO].nsmallest(k).index.to_numpy(),
+        "attention on neighbours": p[SCORE_COLUMNS["neighbors"]].nlargest(k).index.to_numpy(),
+        "attention on background": p[SCORE_COLUMNS["background"]].nlargest(k).index.to_numpy(),
+    }
+
+
+def plot_overlays(profiles: pd.DataFrame, store, rows: np.ndarray, cams: np.ndarray, path: Path, k: int = 4) -> Path:
+    """Grid of overlays: one row per example kind, `k` cells each (central-cell z-slice)."""
+    plt = _plt()
+    examples = pick_examples(profiles, rows, k)
+    pos = {int(r): i for i, r in enumerate(rows)}
+    by_row = profiles.set_index("Metadata_Row")
+    fig, axes = plt.subplots(len(examples), k, figsize=(2.6 * k, 2.9 * len(examples)), squeeze=False)
+    for r, (title, chosen) in enumerate(examples.items()):
+        for j in range(k):
+            ax = axes[r, j]
+            ax.axis("off")
+            if j >= len(chosen):
+                continue
+            row = int(chosen[j])
+            image, mask, cam = store.image[row], store.mask[row], cams[pos[row]].astype(np.float32)
+            if mask.ndim == 3:  # 3D: the z-slice holding most of the central cell
+                z = int(np.argmax((mask == 1).sum(axis=(1, 2))))
+                image, mask, cam = image[z], mask[z], cam[z]
+            ax.imshow(_composite(image, store.channels))
+            ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=max(float(cam.max()), 1e-12))
+            if (mask == 1).any():
+                ax.contour(mask == 1, levels=[0.5], colors="white", linewidths=1.2)
+            if (mask == 2).any():
+                ax.contour(mask == 2, levels=[0.5], colors="cyan", linewidths=0.8, linestyles="dashed")
+            c = by_row.loc[row]
+            ax.set_title(
+                f"GCO {c[GCO]:.2f} (chance {c[CHANCE]:.2f})\nnb {c[SCORE_COLUMNS['neighbors']]:.2f} "
+                f"bg {c[SCORE_COLUMNS['background']]:.2f}",
+                fontsize=8,
+            )
+        axes[r, 0].text(-0.08, 0.5, title, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right",
+                        fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def figures_from_profiles(profiles: pd.DataFrame, out_dir: str | os.PathLike, config: ReportConfig = ReportConfig(),
+                          *, store=None, cam_rows=None, cams=None) -> dict[str, Path]:
+    """Every figure that the data allows, into `out_dir`; returns {name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figs = {}
+    if feature_columns(profiles):
+        figs["umap"] = plot_umap(profiles, out / "umap.png", config)
+    if "Metadata_Dose" in profiles:
+        figs["scores_by_dose"] = plot_distributions(profiles, "Metadata_Dose", out / "scores_by_dose.png", "dose")
+        figs["attention_split"] = plot_attention_split(profiles, out / "attention_split.png")
+    if "Metadata_Site" in profiles:
+        figs["scores_by_site"] = plot_distributions(profiles, "Metadata_Site", out / "scores_by_site.png", "site")
+    if store is not None and cams is not None and len(cams):
+        figs["overlays"] = plot_overlays(profiles, store, cam_rows, cams, out / "overlays.png", config.overlay_examples)
+    return figs
+
+
+_CAPTIONS = {
+    "umap": "UMAP of sphered profiles by dose (left) and by imaging site (right). Clusters that follow the "
+    "site rather than the dose mean a batch effect survived sphering (paper Fig. 4A).",
+    "overlays": "Grad-CAM (jet) over the crop's central-cell slice; white outline = the cell the profile "
+    "describes, cyan dashed = other cells. GCO = Grad-CAMO, nb/bg = attention on neighbours/background (Fig. 4B, 5A).",
+    "scores_by_dose": "Grad-CAMO by dose; red bars = chance level (the central cell's volume fraction, the "
+    "score of a uniform map). Scores near chance mean the model does not look at the cell (Fig. 5B).",
+    "scores_by_site": "Grad-CAMO by imaging site (Fig. 5B).",
+    "attention_split": "Where the attention goes: mean fraction on the cell, on neighbouring cells, on background.",
+}
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    return df.to_html(float_format=lambda v: f"{v:.3f}", border=0, classes="t")
+
+
+def make_report(
+    profiles_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    config: ReportConfig = ReportConfig(),
+    title: str = "Grad-CAMO audit",
+    extra: dict | None = None,
+) -> Path:
+    """Write ``out_dir/index.html`` and its figures for a scored dataset; returns the HTML path.
+
+    Args:
+      profiles_dir: output of `gradcamo score` (Parquet parts, optional cams/).
+      out_dir: report folder.
+      data_dir: the cell dataset (crops for the overlays); None = no overlays.
+      config: `ReportConfig`.
+      title: page title.
+      extra: more headline entries (e.g. training time) shown under the computed ones.
+    """
+    from gradcamo_jax.data import formats
+    from gradcamo_jax.profile import read_cams, read_profiles
+
+    out = Path(out_dir)
+    profiles = read_profiles(profiles_dir)
+    rows, cams = read_cams(profiles_dir)
+    store = formats.open_crops(data_dir) if data_dir is not None and len(rows) else None
+    figs = figures_from_profiles(profiles, out, config, store=store, cam_rows=rows, cams=cams)
+    head = {**headline(profiles, config.threshold), **(extra or {})}
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table.t{border-collapse:collapse;font-size:13px}table.t td,table.t th{padding:3px 8px;"
+        "border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}figcaption{font-size:13px;color:#555}"
+        "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<p>Grad-CAMO (Gopalakrishnan, Ma &amp; Xie, CVPR-W 2024) is the fraction of a profile's Grad-CAM "
+        "attention that lies on the segmented cell it describes: 0 = all elsewhere, 1 = all on the cell.</p>",
+        "<h2>Headline</h2>",
+        _table_html(pd.DataFrame({"value": pd.Series(head, dtype=object)})),
+    ]
+    for name in ("overlays", "scores_by_dose", "attention_split", "umap", "scores_by_site"):
+        if name in figs:
+            parts.append(
+                f"<figure><img src='{figs[name].name}' alt='{name}'><figcaption>{html.escape(_CAPTIONS[name])}"
+                "</figcaption></figure>"
+            )
+    for by in ("Metadata_Dose", "Metadata_Site", "Metadata_Split"):
+        if by in profiles:
+            parts.append(f"<h3>Grad-CAMO by {html.escape(by.replace('Metadata_', '').lower())}</h3>")
+            parts.append(_table_html(summarize(profiles, by, config.threshold)))
+    parts.append("</body></html>")
+    index = out / "index.html"
+    with formats.atomic_path(index) as tmp:
+        tmp.write_text("\n".join(parts))
+    return index
+
+
+__all__ = ["ReportConfig", "figures_from_profiles", "headline", "make_report", "pick_examples"]

@@ -1,0 +1,105 @@
+"""The HTML report renders from a profile folder, and its headline numbers are the table's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import blob_masks
+from gradcamo_jax.data import formats
+from gradcamo_jax.profile import MANIFEST, PART
+from gradcamo_jax.report import ReportConfig, headline, make_report, pick_examples
+
+SPATIAL = (5, 24, 24)
+
+
+def fake_profiles(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    dose = rng.choice([0.0, 0.32, 8.0], n)
+    cell = np.clip(rng.beta(2, 3, n) + 0.2 * (dose > 0), 0, 1)
+    nb = (1 - cell) * rng.uniform(0, 1, n)
+    df = pd.DataFrame({
+        "Metadata_Plate": "P1",
+        "Metadata_Well": rng.choice(["A01", "A02", "B01", "B02"], n),
+        "Metadata_Site": rng.integers(0, 4, n),
+        "Metadata_Dose": dose,
+        "Metadata_Row": np.arange(n),
+        "Metadata_Class": (dose > 0).astype(int) + (dose > 1).astype(int),
+        "Metadata_Split": rng.choice(["train", "val", "test"], n),
+        "Metadata_GradCAMO": cell,
+        "Metadata_GradCAMO_Neighbors": nb,
+        "Metadata_GradCAMO_Background": 1 - cell - nb,
+        "Metadata_GradCAMO_Chance": rng.uniform(0.05, 0.2, n),
+        "Metadata_GradCAMO_Undefined": False,
+        "Metadata_Predicted": rng.integers(0, 3, n),
+    })
+    df.loc[3, ["Metadata_GradCAMO", "Metadata_GradCAMO_Neighbors", "Metadata_GradCAMO_Background"]] = np.nan
+    feats = rng.normal(size=(n, 6)) + dose[:, None]
+    for i in range(6):
+        df[f"EfficientNetB0_stage5_{i:04d}"] = feats[:, i].astype(np.float32)
+    return df
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    base = tmp_path_factory.mktemp("report")
+    df = fake_profiles()
+    n = len(df)
+    formats.write_json({"n_cells": n, "rows_per_shard": 50}, base / "profiles" / MANIFEST)
+    for k in range(3):
+        formats.write_table(df.iloc[50 * k: 50 * (k + 1)], base / "profiles" / PART.format(k))
+    rng = np.random.default_rng(1)
+    masks = blob_masks(n, SPATIAL)
+    formats.write_crop_store(base / "data" / "crops.zarr", rng.random((n, *SPATIAL, 5)).astype(np.float16), masks,
+                             attrs={"channels": list(formats.CHANNELS)})
+    rows = np.arange(0, n, 6)
+    formats.write_arrays(base / "profiles" / "cams" / "part-00000.zarr",
+                         {"cam": rng.random((len(rows), *SPATIAL)).astype(np.float16), "row": rows})
+    return base, df
+
+
+def test_headline_numbers_are_the_tables(folder):
+    _, df = folder
+    h = headline(df)
+    valid = df["Metadata_GradCAMO"].dropna()
+    assert h["cells"] == 120 and h["undefined_scores"] == 1
+    assert h["mean_gradcamo"] == pytest.approx(valid.mean())
+    assert h["frac_above_threshold"] == pytest.approx((valid > 0.5).mean())
+    held = df["Metadata_Split"] != "train"
+    assert h["accuracy_held_out_wells"] == pytest.approx((df.Metadata_Predicted == df.Metadata_Class)[held].mean())
+    total = h["attention_cell"] + h["attention_neighbors"] + h["attention_background"]
+    assert total == pytest.approx(1, abs=0.02)
+
+
+def test_examples_are_extremes_among_saved_cams(folder):
+    _, df = folder
+    rows = np.arange(0, 120, 6)
+    ex = pick_examples(df, rows, 3)
+    sub = df.set_index("Metadata_Row").loc[rows, "Metadata_GradCAMO"].dropna()
+    assert set(ex["highest Grad-CAMO"]) == set(sub.nlargest(3).index)
+    assert set(ex["lowest Grad-CAMO"]) == set(sub.nsmallest(3).index)
+
+
+def test_report_renders_every_figure(folder):
+    base, _ = folder
+    index = make_report(base / "profiles", base / "report", data_dir=base / "data",
+                        config=ReportConfig(umap_neighbors=10), extra={"training_seconds": 12.5})
+    text = index.read_text()
+    for name in ("overlays", "scores_by_dose", "attention_split", "umap", "scores_by_site"):
+        png = base / "report" / f"{name}.png"
+        assert png.stat().st_size > 5000, name
+        assert f"src='{name}.png'" in text
+        from PIL import Image
+
+        img = np.asarray(Image.open(png).convert("L"), float)
+        assert img.std() > 5, f"{name}.png is blank"
+    assert "accuracy_held_out_wells" in text and "training_seconds" in text
+
+
+def test_missing_part_is_a_clear_error(folder, tmp_path):
+    base, df = folder
+    formats.write_json({"n_cells": 120, "rows_per_shard": 50}, tmp_path / MANIFEST)
+    formats.write_table(df.iloc[:50], tmp_path / PART.format(0))
+    with pytest.raises(FileNotFoundError, match="2 of 3 profile parts missing"):
+        make_report(tmp_path, tmp_path / "r")
