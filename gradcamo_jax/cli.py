@@ -51,47 +51,122 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="cell dataset folder (cells.parquet + crops.zarr)")
     p.add_argument("--workdir", required=True, help="checkpoints and logs; an existing run resumes")
+    p.add_argument(
+        "--config",
+        default="smoke",
+        help="preset name in experiments/configs/ (paper, smoke) or a .py file with get_config()",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, typed by its declaration (e.g. --set model.variant=b1 "
+        "--set data.batch_size=64 --set data.crop_shape=5,24,24); repeatable",
+    )
+    p.add_argument("--coordinator", help="multi-host: coordinator host:port (else $GRADCAMO_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    raise SystemExit("gradcamo train: not available in this build yet")
+    import json
+
+    from gradcamo_jax.config import config_to_dict, load_preset
+
+    config = load_preset(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(config_to_dict(config), indent=2))
+        return 0
+    if config.data.worker_count > 0:
+        import absl.flags
+
+        absl.flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (DESIGN §7)
+    from gradcamo_jax import sharding, train
+
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    out = train.train_and_evaluate(config, args.workdir, args.data)
+    val = out["val"]
+    summary = {"step": out["step"], "steps_per_second": out["steps_per_second"], "val": val}
+    print(json.dumps(summary))
+    return 0
 
 
 # ----------------------------------------------------------------------------- score
 
 
 def _add_score(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", required=True, help="training workdir (its checkpoints/ folder is read)")
+    p.add_argument("--step", default="best", help="'best' (validation accuracy), 'latest' or a step number")
+    p.add_argument("--data", required=True, help="cell dataset folder (cells.parquet + crops.zarr)")
+    p.add_argument("--out", required=True, help="profile folder; an interrupted run there resumes")
+    p.add_argument("--layer", default="stage5", help="layer Grad-CAM explains (stem, stage1…stage7, top)")
+    p.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, layercam, xgradcam")
+    p.add_argument("--feature-layers", default="", help="comma-separated layers pooled into features (default: --layer)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rows-per-shard", type=int, default=4096, help="cells per Parquet part")
+    p.add_argument("--cam-sample", type=int, default=64, help="cells whose CAM volumes are saved for audits")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16 (GPU/TPU)")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    raise SystemExit("gradcamo score: not available in this build yet")
+    import dataclasses
+    import json
+
+    from gradcamo_jax import EfficientNet
+    from gradcamo_jax.profile import ScoreConfig, score_dataset
+    from gradcamo_jax.train import load_checkpoint
+
+    step = args.step if args.step in ("best", "latest") else int(args.step)
+    train_cfg, variables = load_checkpoint(args.checkpoint, step)
+    model = EfficientNet(dataclasses.replace(train_cfg.model, dtype=args.dtype))
+    layers = tuple(x for x in args.feature_layers.split(",") if x)
+    config = ScoreConfig(layer=args.layer, method=args.method, feature_layers=layers, batch_size=args.batch_size,
+                         rows_per_shard=args.rows_per_shard, cam_sample=args.cam_sample)
+    stats = score_dataset(model, variables, args.data, args.out, config, data_config=train_cfg.data,
+                          progress=not args.no_progress)
+    print(json.dumps(stats))
+    return 0
 
 
 # ----------------------------------------------------------------------------- report
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profiles", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--profiles", required=True, help="output folder of `gradcamo score`")
+    p.add_argument("--out", required=True, help="report folder (index.html + PNGs)")
+    p.add_argument("--data", default=None, help="cell dataset folder, for CAM overlays on the crops")
+    p.add_argument("--control-query", default="Metadata_Dose == 0", help="pandas query selecting control cells")
+    p.add_argument("--sphering", default="ZCA", help="ZCA, PCA, ZCA-cor, PCA-cor or none")
+    p.add_argument("--title", default="Grad-CAMO audit")
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    raise SystemExit("gradcamo report: not available in this build yet")
+    from gradcamo_jax.report import ReportConfig, make_report
+    from gradcamo_jax.sphering import SpherizeConfig
+
+    sph = None if args.sphering.lower() == "none" else SpherizeConfig(args.sphering, control_query=args.control_query)
+    print(make_report(args.profiles, args.out, data_dir=args.data, config=ReportConfig(sphering=sph), title=args.title))
+    return 0
 
 
 # ----------------------------------------------------------------------------- demo
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="demo folder (an interrupted demo there resumes)")
     p.add_argument("--tiny", action="store_true", help="the smallest end-to-end run (tests)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    raise SystemExit("gradcamo demo: not available in this build yet")
+    from gradcamo_jax.demo import DemoConfig, run_demo, tiny_config
+
+    index = run_demo(args.out, tiny_config() if args.tiny else DemoConfig())
+    print(f"report: {index}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- main

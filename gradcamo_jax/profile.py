@@ -122,14 +122,23 @@ def _local_mesh() -> Mesh:
     return Mesh(np.array(jax.local_devices()), ("data",))
 
 
-def _batches(store, start: int, stop: int, batch: int, prefetch: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def _batches(store, start: int, stop: int, batch: int, prefetch: int, data_config=None
+             ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(first row, images (b, Z, Y, X, C) float32, masks (b, Z, Y, X)) for rows [start, stop),
-    read ahead in threads (zarr decoding releases the GIL)."""
+    read ahead in threads (zarr decoding releases the GIL), with the training run's centre
+    crop and binning (`data_config`) applied per cell."""
     starts = list(range(start, stop, batch))
 
     def read(s):
         e = min(s + batch, stop)
-        return s, store.image[s:e].astype(np.float32), store.mask[s:e]
+        images, masks = store.image[s:e].astype(np.float32), store.mask[s:e]
+        if data_config is not None and (data_config.crop_shape is not None or data_config.downsample != (1, 1, 1)):
+            from gradcamo_jax.data.pipeline import centre_crop_and_bin
+
+            pairs = [centre_crop_and_bin(i, m, data_config) for i, m in zip(images, masks)]
+            images = np.stack([p[0] for p in pairs]).astype(np.float32)
+            masks = np.stack([p[1] for p in pairs])
+        return s, images, masks
 
     with concurrent.futures.ThreadPoolExecutor(max(1, prefetch)) as pool:
         pending = [pool.submit(read, s) for s in starts[: prefetch + 1]]
@@ -149,8 +158,9 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
 
 
 def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows: tuple[int, int], config: ScoreConfig,
-               *, on_batch=None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Score rows ``[rows[0], rows[1])`` of the dataset.
+               *, data_config=None, on_batch=None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Score rows ``[rows[0], rows[1])`` of the dataset (crops transformed by `data_config`:
+    a `gradcamo_jax.config.DataConfig` whose centre crop and binning the model was trained with).
 
     Returns ``(table, cam_rows, cams)``: the part's profile table; the sampled rows of this
     part and their CAM volumes ``(M, Z, Y, X)`` float16 (M may be 0).
@@ -165,7 +175,7 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
     targets = jax.device_put(np.full((batch,), -1, np.int32), sharding)
     cols: dict[str, list[np.ndarray]] = {}
     cams, cam_idx = [], []
-    for first, images, masks in _batches(store, rows[0], rows[1], batch, config.prefetch):
+    for first, images, masks in _batches(store, rows[0], rows[1], batch, config.prefetch, data_config):
         n = len(images)
         if not np.isfinite(images).all():
             bad = first + int(np.flatnonzero(~np.isfinite(images).reshape(n, -1).all(axis=1))[0])
@@ -213,8 +223,7 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
         f = data[f"__feat_{layer}"]
         frames.append(pd.DataFrame(f.astype(np.float32), columns=feature_names(model.config, layer, f.shape[1])))
     table = pd.concat(frames, axis=1)
-    zyx = store.mask.shape[1:]
-    cam_arr = np.concatenate(cams) if cams else np.zeros((0, *zyx), np.float16)
+    cam_arr = np.concatenate(cams) if cams else np.zeros((0, 0, 0, 0), np.float16)
     return table, (np.concatenate(cam_idx) if cam_idx else np.zeros((0,), np.int64)), cam_arr
 
 
@@ -239,6 +248,7 @@ def score_dataset(
     out_dir: str | os.PathLike,
     config: ScoreConfig = ScoreConfig(),
     *,
+    data_config=None,
     progress: bool = True,
     max_parts: int | None = None,
 ) -> dict:
@@ -250,6 +260,8 @@ def score_dataset(
       data_dir: the cell dataset folder (tools/crop.py output).
       out_dir: profile folder (created; an interrupted run's folder resumes).
       config: `ScoreConfig`.
+      data_config: the training run's `DataConfig`: its centre crop and binning are applied
+        to every crop (and mask) before the model sees it; None = crops as stored.
       progress: show a tqdm bar with cells/s.
       max_parts: stop after this many newly scored parts (tests simulate interruptions).
 
@@ -275,6 +287,8 @@ def score_dataset(
         "rows_per_shard": config.rows_per_shard,
         "cam_sample": config.cam_sample,
         "model": dataclasses.asdict(model.config),
+        "crop_shape": None if data_config is None or data_config.crop_shape is None else list(data_config.crop_shape),
+        "downsample": [1, 1, 1] if data_config is None else list(data_config.downsample),
         **_fingerprint(cells, variables),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,14 +297,14 @@ def score_dataset(
     n = len(cells)
     bounds = [(s, min(s + config.rows_per_shard, n)) for s in range(0, n, config.rows_per_shard)]
     mine = [k for k in range(len(bounds)) if k % jax.process_count() == jax.process_index()]
-    todo = [k for k in mine if not (out_dir / PART.format(k)).exists()]
-    if max_parts is not None:
-        todo = todo[:max_parts]
+    pending = [k for k in mine if not (out_dir / PART.format(k)).exists()]
+    todo = pending if max_parts is None else pending[:max_parts]
     total = sum(bounds[k][1] - bounds[k][0] for k in todo)
     t0 = time.perf_counter()
     with tqdm(total=total, unit="cell", desc="score", disable=not progress, smoothing=0.1) as bar:
         for k in todo:
-            table, idx, cams = score_part(model, variables, store, cells, bounds[k], config, on_batch=bar.update)
+            table, idx, cams = score_part(model, variables, store, cells, bounds[k], config, data_config=data_config,
+                                             on_batch=bar.update)
             if len(idx):
                 # CAMs first: a part's parquet file is the marker that the whole part is done.
                 formats.write_arrays(out_dir / CAM_DIR / PART.format(k).replace(".parquet", ".zarr"),
@@ -301,7 +315,7 @@ def score_dataset(
         "n_cells": n,
         "parts": len(bounds),
         "scored_parts": len(todo),
-        "skipped_parts": len(mine) - len(todo) if max_parts is None else None,
+        "skipped_parts": len(mine) - len(pending),
         "seconds": dt,
         "cells_per_s": total / dt if dt > 0 else float("nan"),
     }

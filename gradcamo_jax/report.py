@@ -214,8 +214,10 @@ def pick_examples(profiles: pd.DataFrame, rows: np.ndarray, k: int) -> dict[str,
     }
 
 
-def plot_overlays(profiles: pd.DataFrame, store, rows: np.ndarray, cams: np.ndarray, path: Path, k: int = 4) -> Path:
-    """Grid of overlays: one row per example kind, `k` cells each (central-cell z-slice)."""
+def plot_overlays(profiles: pd.DataFrame, store, rows: np.ndarray, cams: np.ndarray, path: Path, k: int = 4,
+                  preprocess=None) -> Path:
+    """Grid of overlays: one row per example kind, `k` cells each (central-cell z-slice).
+    `preprocess(image, mask)` maps a stored crop to what the model saw (the CAM's grid)."""
     plt = _plt()
     examples = pick_examples(profiles, rows, k)
     pos = {int(r): i for i, r in enumerate(rows)}
@@ -228,7 +230,9 @@ def plot_overlays(profiles: pd.DataFrame, store, rows: np.ndarray, cams: np.ndar
             if j >= len(chosen):
                 continue
             row = int(chosen[j])
-            image, mask, cam = store.image[row], store.mask[row], cams[pos[row]].astype(np.float32)
+            image, mask, cam = store.image[row].astype(np.float32), store.mask[row], cams[pos[row]].astype(np.float32)
+            if preprocess is not None:
+                image, mask = preprocess(image, mask)
             if mask.ndim == 3:  # 3D: the z-slice holding most of the central cell
                 z = int(np.argmax((mask == 1).sum(axis=(1, 2))))
                 image, mask, cam = image[z], mask[z], cam[z]
@@ -253,7 +257,7 @@ def plot_overlays(profiles: pd.DataFrame, store, rows: np.ndarray, cams: np.ndar
 
 
 def figures_from_profiles(profiles: pd.DataFrame, out_dir: str | os.PathLike, config: ReportConfig = ReportConfig(),
-                          *, store=None, cam_rows=None, cams=None) -> dict[str, Path]:
+                          *, store=None, cam_rows=None, cams=None, preprocess=None) -> dict[str, Path]:
     """Every figure that the data allows, into `out_dir`; returns {name: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +270,8 @@ def figures_from_profiles(profiles: pd.DataFrame, out_dir: str | os.PathLike, co
     if "Metadata_Site" in profiles:
         figs["scores_by_site"] = plot_distributions(profiles, "Metadata_Site", out / "scores_by_site.png", "site")
     if store is not None and cams is not None and len(cams):
-        figs["overlays"] = plot_overlays(profiles, store, cam_rows, cams, out / "overlays.png", config.overlay_examples)
+        figs["overlays"] = plot_overlays(profiles, store, cam_rows, cams, out / "overlays.png", config.overlay_examples,
+                                         preprocess)
     return figs
 
 
@@ -312,7 +317,18 @@ def make_report(
     profiles = read_profiles(profiles_dir)
     rows, cams = read_cams(profiles_dir)
     store = formats.open_crops(data_dir) if data_dir is not None and len(rows) else None
-    figs = figures_from_profiles(profiles, out, config, store=store, cam_rows=rows, cams=cams)
+    manifest = formats.read_json(Path(profiles_dir) / "manifest.json")
+    preprocess = None
+    if manifest.get("crop_shape") is not None or tuple(manifest.get("downsample", (1, 1, 1))) != (1, 1, 1):
+        import functools
+
+        from gradcamo_jax.config import DataConfig
+        from gradcamo_jax.data.pipeline import centre_crop_and_bin
+
+        crop = manifest.get("crop_shape")
+        dc = DataConfig(crop_shape=None if crop is None else tuple(crop), downsample=tuple(manifest["downsample"]))
+        preprocess = functools.partial(centre_crop_and_bin, config=dc)
+    figs = figures_from_profiles(profiles, out, config, store=store, cam_rows=rows, cams=cams, preprocess=preprocess)
     head = {**headline(profiles, config.threshold), **(extra or {})}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
