@@ -200,3 +200,287 @@ def effective_strides(spatial: tuple[int, ...], strides: tuple[int, ...], min_si
     return tuple(
         s if s > 1 and -(-n // s) >= min_size else 1 for n, s in zip(spatial, strides, strict=True)
     )
+
+
+# ----------------------------------------------------------------------------- training
+
+import ast  # noqa: E402  (kept with the training configs they serve)
+import types  # noqa: E402
+import typing  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the grain pipeline reads and how it augments (see `gradcamo_jax.data.pipeline`).
+
+    Attributes:
+      batch_size: global training batch (all processes together); must divide by the
+        number of processes, and by the number of devices for the pmap strategy.
+      eval_batch_size: global evaluation batch; the last batch is padded (and masked).
+      val_fraction: fraction of each class's wells held out for validation.
+      test_fraction: fraction of each class's wells held out for testing (never read by training).
+      split_seed: seed of the split by well; used when the cell table has no
+        ``Metadata_Split`` column or `use_stored_split` is False.
+      use_stored_split: take ``Metadata_Split`` from ``cells.parquet`` when present (it is
+        checked: a well in two splits is an error).
+      crop_shape: ``(Z, Y, X)`` centre crop applied to every stored crop; None keeps the stored size.
+      downsample: ``(Z, Y, X)`` integer mean-pooling factors after the crop (the mask takes the
+        value at each bin's centre), to train small models on big crops.
+      flip_xy: random flips of Y and X (independently, p = 0.5 each).
+      rot90_xy: random multiples of 90° in the XY plane (only 0°/180° when Y != X).
+      intensity_scale: per-channel multiplicative jitter, ``x * (1 + U(-s, s))``.
+      intensity_shift: per-channel additive jitter, ``x + U(-t, t)`` (crops are percentile
+        normalised to about [0, 1], so t is in those units).
+      worker_count: grain worker processes (0 = load in the training process's threads).
+      read_threads: threads per process (or per worker) reading elements.
+      prefetch: batches buffered ahead of the training step (at least `read_threads`,
+        since each thread works on one batch).
+    """
+
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    use_stored_split: bool = True
+    crop_shape: tuple[int, int, int] | None = None
+    downsample: tuple[int, int, int] = (1, 1, 1)
+    flip_xy: bool = True
+    rot90_xy: bool = True
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.05
+    worker_count: int = 0
+    read_threads: int = 2
+    prefetch: int = 4
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"DataConfig batch sizes must be >= 1 (got {self.batch_size}, {self.eval_batch_size})")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(
+                f"DataConfig.val_fraction={self.val_fraction}, test_fraction={self.test_fraction}: "
+                "each must be in [0, 1) and together below 1 (some wells must train)"
+            )
+        if len(self.downsample) != 3 or min(self.downsample) < 1:
+            raise ValueError(f"DataConfig.downsample={self.downsample}; expected 3 integers >= 1 (Z, Y, X)")
+        if self.crop_shape is not None and (len(self.crop_shape) != 3 or min(self.crop_shape) < 1):
+            raise ValueError(f"DataConfig.crop_shape={self.crop_shape}; expected None or 3 integers >= 1 (Z, Y, X)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run: model, data, optimiser, parallelism and checkpoints.
+
+    Attributes:
+      model: the network; ``model.num_classes`` must equal the number of classes in the data.
+      data: the input pipeline.
+      seed: initialisation, shuffling, augmentation and dropout all derive from it.
+      num_steps: optimiser steps (global batches) in the run.
+      learning_rate: peak learning rate of AdamW (reached after `warmup_steps`).
+      warmup_steps: linear warm-up from 0; then cosine decay to ``end_lr_fraction * learning_rate``.
+      end_lr_fraction: final learning rate as a fraction of the peak.
+      weight_decay: AdamW decoupled weight decay (not applied to biases, BatchNorm or 1-D params).
+      b1, b2: Adam moment decay rates.
+      grad_clip_norm: clip the global gradient norm to this value; None disables clipping.
+      label_smoothing: mass spread uniformly over the classes in the cross-entropy target.
+      class_weights: "none", "balanced" (inverse class frequency in the training wells,
+        normalised to mean 1) or one weight per class; the loss is the weighted mean.
+      compute_dtype: "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32" or "bfloat16";
+        overrides ``model.dtype`` for training. Parameters and optimiser state stay float32.
+      strategy: "jit" (one Mesh, batch sharded on "data", parameters replicated) or "pmap"
+        (the legacy per-device program with pmean'd gradients and BatchNorm statistics).
+      log_every: steps between JSONL log lines / progress-bar updates (also syncs the host).
+      checkpoint_every: steps between checkpoints; every checkpoint is preceded by an
+        evaluation on the validation wells, whose accuracy ranks the checkpoints.
+      keep_checkpoints: the latest K checkpoints are kept ...
+      keep_best: ... plus the one with the best validation accuracy when True.
+      async_checkpointing: write checkpoints in a background thread while training goes on.
+      progress_bar: show a tqdm bar on process 0.
+    """
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    seed: int = 0
+    num_steps: int = 10_000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 500
+    end_lr_fraction: float = 0.01
+    weight_decay: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip_norm: float | None = 1.0
+    label_smoothing: float = 0.0
+    class_weights: str | tuple[float, ...] = "none"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    strategy: Literal["jit", "pmap"] = "jit"
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    keep_best: bool = True
+    async_checkpointing: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        if self.num_steps < 1 or self.log_every < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("TrainConfig.num_steps, log_every, checkpoint_every and keep_checkpoints must be >= 1")
+        if self.strategy not in ("jit", "pmap"):
+            raise ValueError(f"TrainConfig.strategy={self.strategy!r}; expected 'jit' or 'pmap'")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.compute_dtype={self.compute_dtype!r}; expected 'auto', 'float32' or 'bfloat16'")
+        if isinstance(self.class_weights, str) and self.class_weights not in ("none", "balanced"):
+            raise ValueError(f"TrainConfig.class_weights={self.class_weights!r}; expected 'none', 'balanced' or a tuple")
+        if not isinstance(self.class_weights, str) and len(self.class_weights) != self.model.num_classes:
+            raise ValueError(
+                f"TrainConfig.class_weights has {len(self.class_weights)} entries; "
+                f"the model has {self.model.num_classes} classes"
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"TrainConfig.label_smoothing={self.label_smoothing}; expected in [0, 1)")
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def config_to_dict(config) -> dict:
+    """A (nested) config dataclass as plain JSON-able data; inverse of `config_from_dict`."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, data: dict):
+    """Rebuild a (nested) config dataclass from `config_to_dict` output, typed by `cls`'s fields."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
+    return cls(**kwargs)
+
+
+def apply_overrides(config, overrides: typing.Sequence[str]):
+    """`config` with ``"dotted.field=value"`` overrides applied via `dataclasses.replace`.
+
+    The value is read as a Python literal when it is one (``3``, ``1e-3``, ``(1, 2, 2)``,
+    ``None``), else as a string, then checked and converted against the field's declared
+    type: ``model.variant=b0``, ``data.crop_shape=5,24,24``, ``grad_clip_norm=none``,
+    ``model.stage_strides=((1,1,1),2,2,2,1,2,1)``. Unknown fields and values of the wrong
+    type are errors that name the field.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        config = _replace_path(config, key.strip().split("."), text.strip(), key.strip())
+    return config
+
+
+def _replace_path(obj, path: list[str], text: str, full: str):
+    if not dataclasses.is_dataclass(obj):
+        raise ValueError(f"override {full!r}: {type(obj).__name__} has no fields")
+    names = {f.name for f in dataclasses.fields(obj)}
+    head = path[0]
+    if head not in names:
+        raise ValueError(f"override {full!r}: {type(obj).__name__} has no field {head!r}; fields: {sorted(names)}")
+    if len(path) > 1:
+        return dataclasses.replace(obj, **{head: _replace_path(getattr(obj, head), path[1:], text, full)})
+    tp = typing.get_type_hints(type(obj))[head]
+    return dataclasses.replace(obj, **{head: _coerce(_literal(text), tp, full)})
+
+
+def _literal(text: str):
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(value, tp, name: str):
+    """`value` converted to type `tp` (int, float, bool, str, Literal, Optional/Union, tuple,
+    nested config dataclass given as a dict); TypeError naming `name` otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # Try the arms in a stable order: exact type matches first (so 2 stays an int for `int | tuple`).
+        arms = sorted((a for a in args if a is not type(None)), key=lambda a: not _matches(value, a))
+        for arm in arms:
+            try:
+                return _coerce(value, arm, name)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(f"{name}: {value!r} does not fit {tp}: " + "; ".join(errors))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{name}: {value!r} is not one of {args}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = (value,)
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"{name}: expected a tuple, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ValueError(f"{name}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return config_from_dict(tp, value)
+        raise TypeError(f"{name}: set its fields (e.g. {name}.<field>=...), not {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if value in (0, 1):
+            return bool(value)
+        raise TypeError(f"{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{name}: unsupported field type {tp}")
+
+
+def _matches(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return isinstance(value, (tuple, list))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    return isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+
+
+def load_preset(name_or_path: str, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """A named training config with overrides applied.
+
+    `name_or_path` is a Python file defining ``get_config() -> TrainConfig``, or the name of
+    one in the repository's ``experiments/configs/`` (e.g. "paper", "smoke", "synthetic").
+    """
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(name_or_path)
+    if path.suffix != ".py":
+        path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / f"{name_or_path}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.py") if not p.stem.startswith("_")) if path.parent.is_dir() else []
+        raise FileNotFoundError(f"no config {name_or_path!r} (looked for {path}); known presets: {known}")
+    spec = importlib.util.spec_from_file_location(f"gradcamo_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return apply_overrides(module.get_config(), overrides)

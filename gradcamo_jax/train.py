@@ -1,0 +1,526 @@
+"""Training: pure steps, a data-parallel loop, orbax checkpoints with exact resume.
+
+    state = create_state(config, model_config, input_shape)        # TrainState, host values
+    state, metrics = train_step(state, batch, model=..., tx=..., ...)   # pure
+    sums = eval_step(state, batch, model=...)                          # pure
+    train_and_evaluate(config, workdir, data)                          # the whole run, resumable
+    config, variables = load_checkpoint(workdir, "best")               # for scoring
+
+A batch is a dict of arrays with a leading batch axis: ``image`` ``(B, Z, Y, X, C)``
+float32, ``label`` ``(B,)`` int32, ``valid`` ``(B,)`` bool (False rows are padding and
+count for nothing), plus whatever else the pipeline carries (``mask``, ``index``).
+
+Two strategies give the same parameters: "jit" (one Mesh, `jax.jit` with explicit
+shardings, the state donated; BatchNorm statistics over the global batch because the
+batch is one global array) and "pmap" (one program per device, gradients and BatchNorm
+statistics reduced over the ``"data"`` axis). Dropout masks differ between the two (pmap
+draws per device), so they agree exactly only for models without stochastic layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradcamo_jax import sharding
+from gradcamo_jax.config import DataConfig, ModelConfig, TrainConfig, config_from_dict, config_to_dict
+from gradcamo_jax.models.efficientnet import EfficientNet, init
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LOG_FILE = "log.jsonl"
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes.
+
+    Attributes:
+      step: int32 scalar, optimiser steps taken.
+      params: float32 parameters (also under bf16 compute).
+      batch_stats: BatchNorm running statistics.
+      opt_state: optax state.
+      rng: raw uint32 key data ``(2,)``; the step's key is ``fold_in(rng, step)``.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+    def variables(self) -> dict:
+        """``{"params", "batch_stats"}`` for `EfficientNet.apply`."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def training_model_config(config: TrainConfig) -> ModelConfig:
+    """``config.model`` with the compute dtype resolved and, for pmap, BatchNorm reducing over ``"data"``."""
+    dtype = config.compute_dtype
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    axis = sharding.DATA_AXIS if config.strategy == "pmap" else None
+    return dataclasses.replace(config.model, dtype=dtype, bn_axis_name=axis)
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to the peak, then cosine decay to ``end_lr_fraction`` of it."""
+    warmup = min(config.warmup_steps, config.num_steps - 1)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup, config.num_steps, end_value=config.learning_rate * config.end_lr_fraction
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on the schedule, after global-norm clipping; no decay on biases/BatchNorm (ndim ≤ 1)."""
+    adamw = optax.adamw(
+        learning_rate_schedule(config),
+        b1=config.b1,
+        b2=config.b2,
+        weight_decay=config.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
+    )
+    if config.grad_clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+
+
+def create_state(config: TrainConfig, model_config: ModelConfig, input_shape: tuple[int, ...]) -> TrainState:
+    """Initial state (host NumPy values, identical on every process) for crops ``(Z, Y, X, C)``."""
+    return jax.tree.map(np.asarray, jax.device_get(_initial_state(config, model_config, input_shape)))
+
+
+def _initial_state(config: TrainConfig, model_config: ModelConfig, input_shape: tuple[int, ...]) -> TrainState:
+    key = jax.random.key(config.seed)
+    init_key, step_key = jax.random.split(key)
+    variables = init(model_config, init_key, tuple(input_shape))
+    tx = make_optimizer(config)
+    return TrainState(
+        step=jnp.int32(0),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        rng=jax.random.key_data(step_key),
+    )
+
+
+def class_weight_vector(config: TrainConfig, train_counts: np.ndarray) -> np.ndarray:
+    """``(K,)`` float32 loss weight per class: ones, ``n / (K * n_k)`` normalised to mean 1
+    over the classes present ("balanced"), or the given tuple."""
+    k = config.model.num_classes
+    if config.class_weights == "none":
+        return np.ones(k, np.float32)
+    if config.class_weights == "balanced":
+        counts = np.asarray(train_counts, np.float64)[:k]
+        w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / k, 0.0)
+        return (w / w[counts > 0].mean()).astype(np.float32)
+    return np.asarray(config.class_weights, np.float32)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _psum(x, axis_name: str | None):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: EfficientNet,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    class_weights: jax.Array,
+    label_smoothing: float = 0.0,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One AdamW step on the weighted, label-smoothed cross-entropy of `batch`.
+
+    The loss is ``Σ_i w_i ce_i / Σ_i w_i`` over the *global* batch (w = class weight ×
+    valid). Under `jax.pmap` (`axis_name` set) each device differentiates its share
+    ``Σ_local w ce / Σ_global w`` and the gradients are summed, which is the gradient
+    of the same global loss. Metrics are global: loss, accuracy, grad_norm, lr.
+    """
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    labels = batch["label"]
+    valid = batch["valid"].astype(jnp.float32)
+    weights = class_weights[labels] * valid
+    weight_sum = _psum(jnp.sum(weights), axis_name)
+    num_classes = class_weights.shape[0]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": rng},
+        )
+        ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+        return jnp.sum(ce * weights) / jnp.maximum(weight_sum, 1e-12), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = _psum(grads, axis_name)
+    loss = _psum(loss, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    correct = _psum(jnp.sum((jnp.argmax(logits, -1) == labels) * valid), axis_name)
+    count = _psum(jnp.sum(valid), axis_name)
+    metrics = {
+        "loss": loss,
+        "accuracy": correct / jnp.maximum(count, 1.0),
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state.step),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: EfficientNet,
+    num_classes: int,
+    axis_name: str | None = None,
+) -> dict[str, jax.Array]:
+    """Sums over the valid rows of `batch` (BatchNorm in inference mode): ``loss`` (unweighted
+    cross-entropy), ``correct``, ``count``, and ``(K,)`` ``class_correct``/``class_count``."""
+    logits = model.apply(state.variables(), batch["image"], train=False).astype(jnp.float32)
+    labels = batch["label"]
+    valid = batch["valid"].astype(jnp.float32)
+    onehot = jax.nn.one_hot(labels, num_classes) * valid[:, None]
+    correct = (jnp.argmax(logits, -1) == labels) * valid
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    sums = {
+        "loss": jnp.sum(ce * valid),
+        "correct": jnp.sum(correct),
+        "count": jnp.sum(valid),
+        "class_correct": jnp.sum(onehot * correct[:, None], axis=0),
+        "class_count": jnp.sum(onehot, axis=0),
+    }
+    return _psum(sums, axis_name)
+
+
+def summarize_eval(sums: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Accumulated `eval_step` sums → loss, accuracy, per-class accuracy (None for absent
+    classes), balanced accuracy (mean over present classes) and the cell count."""
+    count = float(sums["count"])
+    present = sums["class_count"] > 0
+    per_class = np.where(present, sums["class_correct"] / np.maximum(sums["class_count"], 1), np.nan)
+    return {
+        "loss": float(sums["loss"]) / max(count, 1.0),
+        "accuracy": float(sums["correct"]) / max(count, 1.0),
+        "balanced_accuracy": float(np.nanmean(per_class)) if present.any() else float("nan"),
+        "per_class_accuracy": [None if np.isnan(a) else float(a) for a in per_class],
+        "count": int(count),
+    }
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+@dataclasses.dataclass
+class Runner:
+    """A strategy's compiled steps and the moves of state and batches onto its devices.
+
+    `put_state`/`get_state` convert between host NumPy `TrainState`s and the strategy's
+    device layout; `put_batch` takes this process's rows ``(B/P, ...)``; `step` returns
+    global metrics as device values; `evaluate` returns `eval_step` sums as NumPy.
+    """
+
+    put_state: Callable[[TrainState], Any]
+    get_state: Callable[[Any], TrainState]
+    to_mesh: Callable[[Any], Any]
+    put_batch: Callable[[dict[str, np.ndarray]], Any]
+    step: Callable[[Any, Any], tuple[Any, dict]]
+    eval_sums: Callable[[Any, Any], dict]
+
+
+def make_runner(config: TrainConfig, mesh: jax.sharding.Mesh, class_weights: np.ndarray) -> Runner:
+    """Compiled train/eval steps for ``config.strategy`` on `mesh`."""
+    model_config = training_model_config(config)
+    model = EfficientNet(model_config)
+    tx = make_optimizer(config)
+    kwargs = dict(
+        model=model,
+        tx=tx,
+        schedule=learning_rate_schedule(config),
+        class_weights=jnp.asarray(class_weights),
+        label_smoothing=config.label_smoothing,
+    )
+    k = config.model.num_classes
+    if config.strategy == "jit":
+        repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        step = jax.jit(
+            functools.partial(train_step, **kwargs),
+            in_shardings=(repl, data),
+            out_shardings=(repl, repl),
+            donate_argnums=0,
+        )
+        ev = jax.jit(functools.partial(eval_step, model=model, num_classes=k), in_shardings=(repl, data), out_shardings=repl)
+        return Runner(
+            put_state=lambda s: sharding.replicate(s, mesh),
+            get_state=sharding.to_host,
+            to_mesh=lambda s: s,
+            put_batch=lambda b: sharding.to_global(b, mesh),
+            step=step,
+            eval_sums=lambda s, b: sharding.to_host(ev(s, b)),
+        )
+    axis = sharding.DATA_AXIS
+    step = jax.pmap(functools.partial(train_step, axis_name=axis, **kwargs), axis_name=axis, donate_argnums=0)
+    ev = jax.pmap(functools.partial(eval_step, model=model, num_classes=k, axis_name=axis), axis_name=axis)
+    return Runner(
+        put_state=sharding.pmap_replicate,
+        get_state=lambda s: sharding.pmap_unreplicate(s),
+        to_mesh=lambda s: sharding.replicate(sharding.pmap_unreplicate(s), mesh),
+        put_batch=sharding.pmap_split,
+        step=lambda s, b: (lambda out: (out[0], jax.tree.map(lambda m: m[0], out[1])))(step(s, b)),
+        eval_sums=lambda s, b: sharding.pmap_unreplicate(ev(s, b)),
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: str | os.PathLike, config: TrainConfig | None = None, read_only: bool = False):
+    """Orbax manager over ``workdir/checkpoints``: items ``state`` (the `TrainState`),
+    ``data`` (the grain iterator state), ``meta`` (config, input shape, metrics).
+
+    Keeps the latest ``keep_checkpoints`` plus, with ``keep_best``, the best by validation
+    accuracy. Orbax writes each step to a temporary folder and renames it when complete,
+    so a killed save leaves the previous checkpoints intact (and is cleaned up at start).
+    """
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as cm
+
+    config = config or TrainConfig()
+    policies = [cm.LatestN(config.keep_checkpoints)]
+    if config.keep_best:
+        policies.append(cm.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=cm.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=config.async_checkpointing,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        create=not read_only,
+    )
+    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options, item_names=("state", "data", "meta"))
+
+
+def _abstract(tree, sharding_: jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, sharding=sharding_), tree)
+
+
+def best_step(manager) -> int | None:
+    """The kept step with the highest validation accuracy (None if none has one)."""
+    import orbax.checkpoint as ocp
+
+    scored = []
+    for s in manager.all_steps():
+        meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("val") is not None:
+            scored.append((meta["val"]["accuracy"], s))
+    return max(scored)[1] if scored else None
+
+
+def load_checkpoint(workdir: str | os.PathLike, step: int | str = "best") -> tuple[TrainConfig, dict]:
+    """``(config, variables)`` of a run in `workdir`, for scoring.
+
+    `step`: "best" (highest validation accuracy; the latest if none was evaluated),
+    "latest" or a step number. `variables` is ``{"params", "batch_stats"}`` as NumPy
+    float32, ready for ``EfficientNet(config.model).apply(variables, images)`` (the
+    model config is the one trained, with its compute dtype; replace ``dtype`` to taste).
+    """
+    import orbax.checkpoint as ocp
+
+    manager = checkpoint_manager(workdir, read_only=True)
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{Path(workdir) / CHECKPOINT_DIR}: no checkpoints")
+    if step == "best":
+        step = best_step(manager) or manager.latest_step()
+    elif step == "latest":
+        step = manager.latest_step()
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    config = config_from_dict(TrainConfig, meta["config"])
+    template = jax.eval_shape(lambda: _initial_state(config, training_model_config(config), tuple(meta["input_shape"])))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(template, device))))
+    state = jax.tree.map(np.asarray, restored["state"])
+    manager.close()
+    return config, {"params": state.params, "batch_stats": state.batch_stats}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _JsonlLog:
+    """Append-only JSONL log on process 0; on resume, lines past the restored step are dropped
+    (the resumed run writes them again, identically)."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def evaluate(runner: Runner, state, source, data_config: DataConfig, num_classes: int) -> dict[str, Any]:
+    """`summarize_eval` over one pass of `source` (this process reads its rows of each batch)."""
+    from gradcamo_jax.data import pipeline
+
+    ds = pipeline.eval_dataset(source, data_config, jax.process_index(), jax.process_count())
+    total = None
+    for batch in pipeline.make_iterator(ds, dataclasses.replace(data_config, worker_count=0)):
+        sums = runner.eval_sums(state, runner.put_batch(batch))
+        total = sums if total is None else jax.tree.map(np.add, total, sums)
+    return summarize_eval(total)
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str | os.PathLike,
+    data,
+    hooks: Sequence[Callable[[int], None]] = (),
+) -> dict[str, Any]:
+    """Train ``config`` on `data`, checkpointing to `workdir`; resume from its latest checkpoint.
+
+    Args:
+      config: the run (see `TrainConfig`).
+      workdir: ``checkpoints/`` (orbax), ``log.jsonl`` and ``config.json`` go here.
+      data: a cell dataset folder (``cells.parquet`` + ``crops.zarr``) or a
+        `gradcamo_jax.data.pipeline.CellDataset` (e.g. from `dataset_from_arrays`).
+      hooks: called as ``hook(step)`` after every step (progress reporting, tests).
+
+    Returns:
+      ``{"step", "val": summarize_eval(...) | None, "state": TrainState (NumPy),
+      "steps_per_second", "cells_per_second"}`` — rates over the steps this call ran,
+      after the first (compilation).
+    """
+    from tqdm.auto import tqdm
+
+    from gradcamo_jax.data import pipeline
+    import orbax.checkpoint as ocp
+
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+    dataset = data if isinstance(data, pipeline.CellDataset) else pipeline.open_dataset(str(data), config.data)
+    if dataset.num_classes > config.model.num_classes:
+        raise ValueError(
+            f"the data has {dataset.num_classes} classes but model.num_classes={config.model.num_classes}; "
+            f"set model.num_classes={dataset.num_classes}"
+        )
+    mesh = sharding.make_mesh()
+    runner = make_runner(config, mesh, class_weight_vector(config, dataset.class_counts("train")))
+    host_state = create_state(config, training_model_config(config), dataset.input_shape)
+
+    manager = checkpoint_manager(workdir, config)
+    it = pipeline.make_iterator(
+        pipeline.train_dataset(
+            dataset.sources["train"], config.data, config.seed, jax.process_index(), jax.process_count()
+        ),
+        config.data,
+    )
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        restored = manager.restore(
+            start,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(host_state, sharding.replicated(mesh))),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        it.set_state(restored["data"]["iterator"])
+        host_state = sharding.to_host(restored["state"])
+        log.info("resumed from step %d", start)
+    state = runner.put_state(host_state)
+    logfile = _JsonlLog(workdir / LOG_FILE, start, is_main)
+
+    def save(step: int, val: dict | None) -> None:
+        meta = {"config": config_to_dict(config), "input_shape": list(dataset.input_shape), "val": val}
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(runner.to_mesh(state)),
+                data=ocp.args.JsonSave({"iterator": it.get_state(), "process_count": jax.process_count()}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            metrics=None if val is None else {"val_accuracy": val["accuracy"]},
+        )
+
+    val = None
+    pending: list[dict] = []
+    bar = tqdm(total=config.num_steps, initial=start, disable=not (is_main and config.progress_bar), desc="train")
+    # Rates exclude the first step (compilation) and evaluation/checkpoint pauses.
+    timer_start, timed_steps, overhead = None, 0, 0.0
+    for step in range(start, config.num_steps):
+        batch = next(it)
+        state, metrics = runner.step(state, runner.put_batch(batch))
+        pending.append(metrics)
+        if timer_start is None:
+            jax.block_until_ready(metrics)
+            timer_start = time.perf_counter()
+        else:
+            timed_steps += 1
+        done = step + 1
+        if done % config.log_every == 0 or done == config.num_steps:
+            means = {k: float(np.mean([sharding.to_host(m[k]) for m in pending])) for k in pending[0]}
+            pending = []
+            logfile.write({"step": done, "split": "train", **means, "time": time.time()})
+            bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
+        if done % config.checkpoint_every == 0 or done == config.num_steps:
+            jax.block_until_ready(state)
+            pause = time.perf_counter()
+            val = None
+            if len(dataset.sources["val"]):
+                val = evaluate(runner, state, dataset.sources["val"], config.data, config.model.num_classes)
+                logfile.write({"step": done, "split": "val", **val, "time": time.time()})
+            save(done, val)
+            overhead += time.perf_counter() - pause
+        bar.update(1)
+        for hook in hooks:
+            hook(done)
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - timer_start - overhead if timer_start is not None else 0.0
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    rate = timed_steps / elapsed if elapsed > 0 and timed_steps else float("nan")
+    return {
+        "step": config.num_steps,
+        "val": val,
+        "state": runner.get_state(state),
+        "steps_per_second": rate,
+        "cells_per_second": rate * config.data.batch_size,
+    }

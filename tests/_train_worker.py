@@ -1,0 +1,188 @@
+"""Subprocess worker for the training tests (device counts and distributed start-up must be
+fixed before JAX starts, and kills must hit a real process).
+
+    python tests/_train_worker.py steps  --out PREFIX [--runs jit:1,jit:8,pmap:8] [--steps N]
+    python tests/_train_worker.py distributed --out P.npz --process-id I --num-processes N --port PORT
+    python tests/_train_worker.py train  --workdir W --out P.npz [--slow-after S] [--crash-in-save STEP]
+
+The parent sets XLA_FLAGS (fake CPU devices) and the compilation cache in the environment.
+Every command builds the same small learnable in-memory dataset (`make_dataset`) and
+saves the final parameters as ``leaf_<i>`` arrays in tree-flatten order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+CLASSES = 3
+SHAPE = (5, 16, 16, 2)  # (Z, Y, X, C)
+
+
+def make_dataset(data_config, wells_per_class: int = 4, cells_per_well: int = 6, seed: int = 0):
+    """A 3-class dataset whose class is visible in the central cell: a bright blob in
+    channel 0 with intensity rising with the class, on noise. Wells are the split unit."""
+    from gradcamo_jax.data import pipeline
+
+    rng = np.random.default_rng(seed)
+    n = CLASSES * wells_per_class * cells_per_well
+    well = np.repeat(np.arange(CLASSES * wells_per_class), cells_per_well)
+    label = well % CLASSES
+    z, y, x, c = SHAPE
+    grid = np.stack(np.meshgrid(np.arange(z), np.arange(y), np.arange(x), indexing="ij"), -1)
+    centre = np.array([z, y, x]) / 2 - 0.5 + rng.uniform(-1.5, 1.5, (n, 3)) * np.array([0.3, 1, 1])
+    dist = np.sqrt((((grid[None] - centre[:, None, None, None]) / np.array([1.5, 4.0, 4.0])) ** 2).sum(-1))
+    masks = np.where(dist <= 1.0, 1, 0).astype(np.uint8)
+    images = rng.normal(0, 0.3, (n, z, y, x, c)).astype(np.float32)
+    images[..., 0] += masks * (0.5 + 0.75 * label)[:, None, None, None]
+    cells = pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Well": [f"W{w:02d}" for w in well], "Metadata_Class": label})
+    return pipeline.dataset_from_arrays(images, masks, cells, data_config)
+
+
+def train_config(**overrides):
+    from gradcamo_jax.config import DataConfig, ModelConfig, TrainConfig
+
+    model = ModelConfig("tiny", num_classes=CLASSES, stem_stride=(1, 2, 2), conv_impl="xla", drop_path_rate=0.0)
+    data = DataConfig(batch_size=8, eval_batch_size=16, val_fraction=0.25, test_fraction=0.0, read_threads=1, prefetch=2)
+    base = TrainConfig(
+        model=model,
+        data=data,
+        num_steps=4,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        log_every=1,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        progress_bar=False,
+        async_checkpointing=True,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def save_params(path: str, params) -> None:
+    import jax
+
+    leaves = jax.tree.leaves(params)
+    np.savez(path, **{f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
+
+
+def run_steps(config, mesh, num_steps: int):
+    """`num_steps` steps of `config.strategy` on `mesh`, fed by the real pipeline; host params."""
+    import jax
+
+    from gradcamo_jax import train
+    from gradcamo_jax.data import pipeline
+
+    data = make_dataset(config.data)
+    runner = train.make_runner(config, mesh, np.ones(CLASSES, np.float32))
+    state = runner.put_state(train.create_state(config, train.training_model_config(config), data.input_shape))
+    ds = pipeline.train_dataset(data.sources["train"], config.data, config.seed, jax.process_index(), jax.process_count())
+    for t in range(num_steps):
+        state, _ = runner.step(state, runner.put_batch(ds[t]))
+    return runner.get_state(state).params
+
+
+def cmd_steps(args) -> None:
+    """Each run "STRATEGY:K" trains on the first K devices (pmap: all local devices) and saves
+    ``<out>_<strategy>_<K>.npz``; one process, so the initialisation compiles once."""
+    import jax
+
+    from gradcamo_jax import sharding, train
+
+    config = train_config()
+    data = make_dataset(config.data)
+    init = train.create_state(config, train.training_model_config(config), data.input_shape)
+    save_params(f"{args.out}_init.npz", init.params)
+    for run in args.runs.split(","):
+        strategy, k = run.split(":")
+        mesh = sharding.make_mesh(jax.devices()[: int(k)])
+        t = time.perf_counter()
+        params = run_steps(train_config(strategy=strategy), mesh, args.steps)
+        print(f"{run}: {time.perf_counter() - t:.1f} s", flush=True)
+        save_params(f"{args.out}_{strategy}_{k}.npz", params)
+
+
+def cmd_distributed(args) -> None:
+    from gradcamo_jax import sharding
+
+    sharding.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
+    import jax
+
+    assert jax.process_count() == args.num_processes, jax.process_count()
+    params = run_steps(train_config(), sharding.make_mesh(), args.steps)
+    if jax.process_index() == 0:
+        save_params(args.out, params)
+
+
+def _crash_in_save(step: int) -> None:
+    """SIGKILL this process while orbax commits checkpoint `step`: its files are written to
+    the temporary folder, the rename that publishes them has not happened."""
+    from orbax.checkpoint._src.path import atomicity
+
+    for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+        original = cls.finalize
+
+        async def finalize(self, *a, _original=original, **k):
+            if self.get_final().name == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await _original(self, *a, **k)
+
+        cls.finalize = finalize
+
+
+def cmd_train(args) -> None:
+    from gradcamo_jax import train
+
+    config = train_config(num_steps=args.steps, checkpoint_every=args.checkpoint_every)
+    if args.crash_in_save is not None:
+        _crash_in_save(args.crash_in_save)
+
+    def hook(step: int) -> None:
+        with open(os.path.join(args.workdir, "progress"), "w") as f:
+            f.write(str(step))
+        if args.slow_after is not None and step >= args.slow_after:
+            time.sleep(args.sleep)  # leaves the parent time to kill us mid-run
+
+    os.makedirs(args.workdir, exist_ok=True)
+    out = train.train_and_evaluate(config, args.workdir, make_dataset(config.data), hooks=[hook])
+    save_params(args.out, out["state"].params)
+
+
+def main() -> None:
+    import absl.flags
+
+    absl.flags.FLAGS.mark_as_parsed()
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("steps")
+    s.add_argument("--out", required=True)
+    s.add_argument("--runs", default="jit:1,jit:8,pmap:8", help="comma-separated STRATEGY:DEVICES")
+    s.add_argument("--steps", type=int, default=3)
+    d = sub.add_parser("distributed")
+    d.add_argument("--out", required=True)
+    d.add_argument("--process-id", type=int, required=True)
+    d.add_argument("--num-processes", type=int, required=True)
+    d.add_argument("--port", type=int, required=True)
+    d.add_argument("--steps", type=int, default=3)
+    t = sub.add_parser("train")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=8)
+    t.add_argument("--checkpoint-every", type=int, default=2)
+    t.add_argument("--slow-after", type=int)
+    t.add_argument("--sleep", type=float, default=1.0)
+    t.add_argument("--crash-in-save", type=int)
+    args = p.parse_args()
+    {"steps": cmd_steps, "distributed": cmd_distributed, "train": cmd_train}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
