@@ -395,3 +395,15 @@ def test_cli_in_a_fresh_process_never_imports_torchvision(offline_model, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "merged 1 shard summaries: 2 sites" in proc.stderr
     assert len(list((out / "labels").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_train_offline_cli_writes_model_and_sidecar(tmp_path, capsys):
+    """The CLI path of the offline builder (0 epochs: an untrained net, to test the plumbing only)."""
+    pytest.importorskip("cellpose")
+    out = tmp_path / "m" / "offline_model"
+    assert segment.main(["train-offline", "--out", str(out), "--epochs", "0", "--threads", "2"]) == 0
+    meta = offline.read_offline_meta(out)
+    assert meta["recipe"]["n_epochs"] == 0 and meta["bytes"] == out.stat().st_size > 20e6
+    assert 0.0 <= meta["ap50_heldout"] <= 1.0 and '"ap50_heldout"' in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["offline_model", "offline_model.json"]  # no leftovers

@@ -354,8 +354,9 @@ def merge_end_caps(labels: np.ndarray, max_slices: int, min_overlap: float) -> t
         for face, nb in ((z0, z0 - 1), (z1, z1 + 1)):
             if not 0 <= nb < labels.shape[0]:
                 continue
-            foot = labels[face] == lab
-            under = labels[nb][foot]
+            # Within the cap's bounding box only: caps are small, fields can be large.
+            foot = labels[face][zs[1:]] == lab
+            under = labels[nb][zs[1:]][foot]
             under = under[under > 0]
             if under.size == 0:
                 continue
@@ -366,7 +367,8 @@ def merge_end_caps(labels: np.ndarray, max_slices: int, min_overlap: float) -> t
             if cand != lab and cov >= min_overlap and volume[cand] > volume[lab] and cov > best_cov:
                 best, best_cov = cand, cov
         if best:
-            labels[labels == lab] = best
+            box = labels[zs]
+            box[box == lab] = best
             volume[best] += volume.pop(lab)
             # Grow the target's bounding box so later caps of the merged object see it.
             b = slices[best - 1]
