@@ -281,6 +281,9 @@ class TrainConfig:
       end_lr_fraction: final learning rate as a fraction of the peak.
       weight_decay: AdamW decoupled weight decay (not applied to biases, BatchNorm or 1-D params).
       b1, b2: Adam moment decay rates.
+      adam_eps: Adam's epsilon. Adam turns any nonzero gradient into a step of about the
+        learning rate, including rounding noise on parameters whose exact gradient is 0
+        (a BatchNorm bias feeding only a conv + BatchNorm); raise it to damp those.
       grad_clip_norm: clip the global gradient norm to this value; None disables clipping.
       label_smoothing: mass spread uniformly over the classes in the cross-entropy target.
       class_weights: "none", "balanced" (inverse class frequency in the training wells,
@@ -308,6 +311,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     b1: float = 0.9
     b2: float = 0.999
+    adam_eps: float = 1e-8
     grad_clip_norm: float | None = 1.0
     label_smoothing: float = 0.0
     class_weights: str | tuple[float, ...] = "none"

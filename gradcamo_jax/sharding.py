@@ -135,8 +135,14 @@ def pmap_replicate(tree):
 
 
 def pmap_unreplicate(tree):
-    """The first local copy of a `pmap_replicate`d tree, as NumPy."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    """The first local copy of a `pmap_replicate`d tree ``(D, ...)`` → ``(...)``, as NumPy."""
+
+    def first(x):
+        shard = np.asarray(x.addressable_data(0))
+        # Depending on how pmap lays out its outputs, a shard keeps the device axis (1, ...) or not.
+        return shard[0] if shard.ndim == x.ndim else shard
+
+    return jax.tree.map(first, tree)
 
 
 def pmap_split(local_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -94,6 +94,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
         learning_rate_schedule(config),
         b1=config.b1,
         b2=config.b2,
+        eps=config.adam_eps,
         weight_decay=config.weight_decay,
         mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
     )
@@ -246,8 +247,10 @@ class Runner:
     """A strategy's compiled steps and the moves of state and batches onto its devices.
 
     `put_state`/`get_state` convert between host NumPy `TrainState`s and the strategy's
-    device layout; `put_batch` takes this process's rows ``(B/P, ...)``; `step` returns
-    global metrics as device values; `evaluate` returns `eval_step` sums as NumPy.
+    device layout; `to_mesh` gives the state as arrays replicated on the mesh (what the
+    checkpoint stores, whatever the strategy); `put_batch` takes this process's rows
+    ``(B/P, ...)``; `step` returns global metrics as device values, `host_metrics` turns
+    them into NumPy scalars; `eval_sums` returns `eval_step` sums as NumPy.
     """
 
     put_state: Callable[[TrainState], Any]
@@ -256,6 +259,7 @@ class Runner:
     put_batch: Callable[[dict[str, np.ndarray]], Any]
     step: Callable[[Any, Any], tuple[Any, dict]]
     eval_sums: Callable[[Any, Any], dict]
+    host_metrics: Callable[[dict], dict]
 
 
 def make_runner(config: TrainConfig, mesh: jax.sharding.Mesh, class_weights: np.ndarray) -> Runner:
@@ -287,6 +291,7 @@ def make_runner(config: TrainConfig, mesh: jax.sharding.Mesh, class_weights: np.
             put_batch=lambda b: sharding.to_global(b, mesh),
             step=step,
             eval_sums=lambda s, b: sharding.to_host(ev(s, b)),
+            host_metrics=sharding.to_host,
         )
     axis = sharding.DATA_AXIS
     step = jax.pmap(functools.partial(train_step, axis_name=axis, **kwargs), axis_name=axis, donate_argnums=0)
@@ -296,8 +301,9 @@ def make_runner(config: TrainConfig, mesh: jax.sharding.Mesh, class_weights: np.
         get_state=lambda s: sharding.pmap_unreplicate(s),
         to_mesh=lambda s: sharding.replicate(sharding.pmap_unreplicate(s), mesh),
         put_batch=sharding.pmap_split,
-        step=lambda s, b: (lambda out: (out[0], jax.tree.map(lambda m: m[0], out[1])))(step(s, b)),
+        step=step,
         eval_sums=lambda s, b: sharding.pmap_unreplicate(ev(s, b)),
+        host_metrics=sharding.pmap_unreplicate,
     )
 
 
@@ -495,7 +501,8 @@ def train_and_evaluate(
             timed_steps += 1
         done = step + 1
         if done % config.log_every == 0 or done == config.num_steps:
-            means = {k: float(np.mean([sharding.to_host(m[k]) for m in pending])) for k in pending[0]}
+            host = [runner.host_metrics(m) for m in pending]
+            means = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
             pending = []
             logfile.write({"step": done, "split": "train", **means, "time": time.time()})
             bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
