@@ -177,6 +177,9 @@ def cmd_plate(args) -> None:
     )
     t1 = time.perf_counter()
     config = train_config(
+        # 60 steps at the default momentum 0.99 leave the BatchNorm running statistics
+        # ~55% at their initial values, and evaluation (inference mode) uses them.
+        model=dataclasses.replace(train_config().model, bn_momentum=0.9),
         data=DataConfig(batch_size=16, eval_batch_size=48, read_threads=1, prefetch=2),
         num_steps=args.steps,
         checkpoint_every=args.steps,
