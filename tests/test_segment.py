@@ -232,9 +232,7 @@ import _cellpose_offline as offline  # noqa: E402  (imports cellpose lazily)
 
 from gradcamo_jax.data import synthetic  # noqa: E402
 
-# The offline model sees cells rescaled to its diam_mean (15 px); 48-pixel tiles (as in training)
-# cover these small fields without padding them to Cellpose's default 224.
-RUN_ARGS = ["--cyto", "AGP", "--nucleus", "DNA", "--tile-size", "48", "--threads", "2"]
+RUN_ARGS = ["--cyto", "AGP", "--nucleus", "DNA", "--threads", "2"]
 
 
 @pytest.fixture(scope="session")
