@@ -405,3 +405,19 @@ def test_train_offline_cli_writes_model_and_sidecar(tmp_path, capsys):
     assert meta["recipe"]["n_epochs"] == 0 and meta["bytes"] == out.stat().st_size > 20e6
     assert 0.0 <= meta["ap50_heldout"] <= 1.0 and '"ap50_heldout"' in capsys.readouterr().out
     assert sorted(p.name for p in out.parent.iterdir()) == ["offline_model", "offline_model.json"]  # no leftovers
+
+
+@pytest.mark.slow
+def test_do_3d_mode_runs_and_writes_valid_labels(offline_model, tmp_path):
+    """--do-3d: Cellpose's 3D mode (flows from YX, ZY and ZX views); no stitching, so no end caps."""
+    pm = synthetic.write_plate(plate_config(doses=(40.0,), empty_sites=0, seed=11), tmp_path / "plate")
+    out = tmp_path / "seg"
+    rc = segment.main(["run", "--plate-map", str(pm), "--out", str(out), "--model", str(offline_model),
+                       *RUN_ARGS, "--do-3d", "--anisotropy", "4"])
+    assert rc == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert (summary.n_end_caps_merged == 0).all() and (summary.status == "ok").all()
+    assert formats.read_json(out / "segment_config.json")["do_3d"] is True
+    for row, rec in zip(formats.read_plate_map(pm).itertuples(), summary.itertuples()):
+        lab = formats.read_labels(out / rec.FileName_Labels, expect_shape=formats.stack_shape(row.FileName_Image))
+        np.testing.assert_array_equal(np.unique(lab[lab > 0]), np.arange(1, rec.n_cells + 1))
