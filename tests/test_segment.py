@@ -121,6 +121,40 @@ def test_merge_end_caps():
     assert segment.merge_end_caps(lab[:7], 1, 0.5)[1] == 2
 
 
+def test_faint_objects_dropped_against_scipy_statistics():
+    """Contrast = (object mean - background median) / (1.4826 * background MAD), computed here with
+    scipy.ndimage and numpy; an object bright in either channel is kept, one bright in neither goes."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    z, y, x = 3, 40, 40
+    chans = rng.normal(100.0, 5.0, (z, 2, y, x))
+    labels = np.zeros((z, y, x), np.int64)
+    labels[:, 2:10, 2:10] = 3    # bright in channel 0
+    labels[:, 15:22, 15:22] = 5  # bright in channel 1 only
+    labels[:, 28:36, 28:36] = 9  # pure noise: what Cellpose finds on an empty field
+    chans[:, 0][labels == 3] += 40.0
+    chans[:, 1][labels == 5] += 30.0
+    bg = labels == 0
+    want = {}
+    for k in range(2):
+        med = np.median(chans[:, k][bg])
+        sd = 1.4826 * np.median(np.abs(chans[:, k][bg] - med))
+        means = ndimage.mean(chans[:, k], labels, [3, 5, 9])
+        want[k] = (np.asarray(means) - med) / sd
+        got = segment.object_contrast(labels, chans[:, k])
+        np.testing.assert_allclose(got[[3, 5, 9]], want[k], rtol=1e-12)
+        assert np.isnan(got[[0, 1, 2, 4, 6, 7, 8]]).all()
+    assert want[0][0] > 5 and want[1][1] > 5 and max(want[0][2], want[1][2]) < 1
+    kept, n = segment.drop_faint_objects(labels, chans, 2.0)
+    assert n == 1 and set(np.unique(kept)) == {0, 3, 5}
+    np.testing.assert_array_equal(kept[labels != 9], labels[labels != 9])
+    off, n_off = segment.drop_faint_objects(labels, chans, 0.0)  # 0 turns it off
+    assert n_off == 0 and off is labels
+    # an all-object field has no background to compare against: nothing is judged faint
+    assert segment.drop_faint_objects(np.ones((1, 4, 4), np.int64), chans[:1, :, :4, :4], 2.0)[1] == 0
+
+
 def test_relabel_sequential():
     lab = np.array([[[0, 9, 9], [4, 0, 0]], [[0, 0, 7], [4, 4, 0]]])
     out = segment.relabel_sequential(lab)
@@ -307,6 +341,7 @@ def test_end_to_end_sharded_plate(segmented):
     assert empty.status == "no_cells" and empty.n_cells == 0
     assert any(lvl == logging.WARNING and empty.site_id in msg and "no cells" in msg for lvl, msg in logs)
     assert (summary.iloc[:2].status == "ok").all() and (summary.iloc[:2].n_cells > 0).all()
+    assert (summary.iloc[:2].n_faint_dropped == 0).all()  # real cells are never judged faint
     totals = formats.read_json(out / "summary.json")
     assert totals["n_cells"] == summary.n_cells.sum() and totals["n_no_cells"] == 1 and totals["missing"] == []
     # The plate map for tools/crop.py points at our labels.
