@@ -198,4 +198,6 @@ def test_eight_devices_give_the_same_profiles(tmp_path, scored):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=300)
     a, b = read_profiles(tmp_path / "p8"), read_profiles(base / "profiles")
-    pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-6)
+    # float32 rounding differs with the per-device batch (seen: 1.1e-6 on a feature of -0.012, in
+    # a column whose values reach 4); scores and metadata must agree as tightly.
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-5)
