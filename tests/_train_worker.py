@@ -168,7 +168,7 @@ def cmd_plate(args) -> None:
     from gradcamo_jax.data import crop, synthetic
 
     t0 = time.perf_counter()
-    plate = synthetic.make_config("tiny", signal="cell", wells_per_dose=3, sites_per_well=2, seed=args.seed)
+    plate = synthetic.make_config("tiny", signal=args.signal, wells_per_dose=3, sites_per_well=args.sites, seed=args.seed)
     plate_map = synthetic.write_plate(plate, os.path.join(args.workdir, "plate"))
     data_dir = crop.crop_plate(
         plate_map,
@@ -224,6 +224,8 @@ def main() -> None:
     q.add_argument("--workdir", required=True)
     q.add_argument("--steps", type=int, default=60)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--signal", default="cell")
+    q.add_argument("--sites", type=int, default=2)
     args = p.parse_args()
     {"steps": cmd_steps, "distributed": cmd_distributed, "train": cmd_train, "plate": cmd_plate}[args.cmd](args)
 

@@ -23,8 +23,10 @@ Dose effect. Class k of K+1 (control = 0, doses ascending) has effect
 strength (a mixture is a dict such as ``{"cell": 0.2, "background": 1.0}``):
 
 * ``cell``: every cell's own appearance: in-cell intensity of the channels in
-  `cell_channels` scales by ``1 + cell_gain * s * e``, Mito puncta get denser, DNA
-  nuclei larger. The class is readable from the cell itself.
+  `cell_channels` scales by ``1 + cell_gain * s * e``, ER spreads from the nuclear
+  rim over the cytoplasm, Mito puncta get denser, DNA nuclei larger. The class is
+  readable from the cell itself, also after per-site intensity normalisation (which
+  removes most of the gain, shared by every cell of a site).
 * ``background``: speckled debris/autofluorescence texture of amplitude ∝ s·e,
   added after the PSF and only on voxels outside every cell. Cells are untouched.
 * ``neighbor``: in each field a fraction `neighbor_fraction` of cells is *marked*
@@ -343,6 +345,12 @@ def synth_site(config: SynthConfig, class_index: int, site_index: int, empty: bo
     stack = np.empty((len(formats.CHANNELS),) + shape, np.float32)
     stack[ch["DNA"]] = nucleus * b("DNA") * (1.0 + 0.35 * fine)
     perinuclear = np.clip(1.3 - np.minimum(dist, 1.5), 0.2, 1.0)
+    # The signal also spreads ER from the perinuclear region into the whole cytoplasm: a
+    # redistribution, which survives per-site percentile normalisation (a field-wide gain
+    # does not: every cell of a site shares its dose, so the gain rescales away).
+    er_amp = amp if "ER" in config.cell_channels else np.zeros(n)
+    spread = np.clip(np.concatenate([[0.0], 0.8 * er_amp]), 0, 1)[labels]
+    perinuclear = perinuclear + spread * (1.0 - perinuclear)
     stack[ch["ER"]] = cyto * b("ER") * perinuclear * np.clip(0.6 + 0.5 * np.abs(coarse), 0, None)
     stack[ch["RNA"]] = b("RNA") * (0.25 * cyto + 0.3 * nucleus + 1.5 * nucleoli)
     # AGP: membrane rim plus actin fibres along each cell's orientation.
