@@ -211,7 +211,7 @@ def torch_benchmarks(args, config, variables, images, masks, targets) -> list[Re
 
     twin.train()
     opt = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.05)
-    y = torch.as_tensor(targets)
+    y = torch.as_tensor(targets, dtype=torch.long)  # cross_entropy wants int64 class indices
 
     def torch_step():
         opt.zero_grad(set_to_none=True)
