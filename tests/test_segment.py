@@ -363,6 +363,27 @@ def test_f1_against_true_labels(segmented, capsys):
 
 
 @pytest.mark.slow
+def test_segmented_plate_crops_and_feeds_the_grain_pipeline(segmented, tmp_path):
+    """The whole data chain on our own labels: synth → segment (fixture) → crop → one training batch."""
+    from gradcamo_jax.config import DataConfig
+    from gradcamo_jax.data import crop, pipeline
+
+    _, out, _ = segmented
+    data = crop.crop_plate(out / "plate_map.csv", tmp_path / "data",
+                           crop.CropConfig(crop_size=(5, 32, 32), workers=0, split_fractions=(1.0, 0.0, 0.0)))
+    summary = pd.read_csv(out / "summary.csv")
+    cells = formats.read_cells(data)
+    assert len(cells) == summary.n_cells.sum()  # every segmented cell became a crop (none is too small here)
+    cfg = DataConfig(batch_size=4, val_fraction=0.0, test_fraction=0.0, read_threads=1, prefetch=1)
+    ds = pipeline.open_dataset(str(data), cfg)
+    batch = next(iter(pipeline.make_iterator(pipeline.train_dataset(ds.sources["train"], cfg, seed=0), cfg)))
+    assert batch["image"].shape == (4, 5, 32, 32, 5) and batch["mask"].shape == (4, 5, 32, 32)
+    assert np.isfinite(batch["image"]).all()
+    # each crop's central cell is present and is the label the segmentation gave it
+    assert all((m == 1).any() for m in batch["mask"])
+
+
+@pytest.mark.slow
 def test_rerun_skips_done_sites(segmented, monkeypatch, caplog):
     pm, out, _ = segmented
     labels = sorted((out / "labels").iterdir())
