@@ -4,6 +4,7 @@ fixed before JAX starts, and kills must hit a real process).
     python tests/_train_worker.py steps  --out PREFIX [--runs jit:1,jit:8,pmap:8] [--steps N]
     python tests/_train_worker.py distributed --out P.npz --process-id I --num-processes N --port PORT
     python tests/_train_worker.py train  --workdir W --out P.npz [--slow-after S] [--crash-in-save STEP]
+    python tests/_train_worker.py plate  --workdir W [--steps N] [--signal cell=2] [--sites 4]
 
 The parent sets XLA_FLAGS (fake CPU devices) and the compilation cache in the environment.
 Every command builds the same small learnable in-memory dataset (`make_dataset`) and

@@ -403,8 +403,8 @@ def object_contrast(labels: np.ndarray, channel: np.ndarray) -> np.ndarray:
     ``(mean inside object − background median) / (1.4826 · background MAD)``.
 
     Returns ``(labels.max() + 1,)`` float64 indexed by id (entry 0, the background, and ids
-    absent from ``labels`` are NaN). With no background voxels, or a constant background, every contrast
-    is +inf (nothing to compare against, so nothing is judged faint)."""
+    absent from ``labels`` are NaN). With no background voxels, or a constant background, every
+    contrast is +inf (nothing to compare against, so nothing is judged faint)."""
     n = int(labels.max()) + 1
     out = np.full(n, np.nan)
     bg = channel[labels == 0].astype(np.float64)
@@ -447,7 +447,7 @@ def segment_stack(model, stack: np.ndarray, cfg: SegmentConfig, major: int) -> t
     if not cfg.do_3d and masks.shape[0] > 1:
         masks, n_caps = merge_end_caps(masks, cfg.cap_max_slices, cfg.cap_overlap)
     if not cfg.nucleus_channel:
-        channels = channels[:, :1]
+        channels = channels[:, :1]  # select_channels pads a zero nucleus channel; it has no contrast to judge
     masks, n_faint = drop_faint_objects(masks, channels, cfg.min_contrast)
     return relabel_sequential(masks), n_caps, n_faint
 

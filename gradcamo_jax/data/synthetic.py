@@ -324,8 +324,11 @@ def synth_site(config: SynthConfig, class_index: int, site_index: int, empty: bo
     marked = rng.uniform(size=n) < config.neighbor_fraction
     # Per-cell signal amplitude: every cell in `cell` mode, marked ones in `neighbor` mode.
     amp = st["cell"] * e + st["neighbor"] * e * marked
+    def channel_amp(name):  # the signal amplitude per cell where `name` carries the cell signal
+        return amp if name in config.cell_channels else np.zeros(n)
+
     # DNA in cell_channels also enlarges nuclei (a morphology change, not only intensity).
-    nucleus_gain = 1 + 0.25 * amp * ("DNA" in config.cell_channels)
+    nucleus_gain = 1 + 0.25 * channel_amp("DNA")
     wobble = _smooth_noise(rng, shape, (1.0, 4.0, 4.0))
     labels, dist, nucleus, dnuc = render_labels(config, cells, wobble, nucleus_gain)
     inside = labels > 0
@@ -348,8 +351,7 @@ def synth_site(config: SynthConfig, class_index: int, site_index: int, empty: bo
     # The signal also spreads ER from the perinuclear region into the whole cytoplasm: a
     # redistribution, which survives per-site percentile normalisation (a field-wide gain
     # does not: every cell of a site shares its dose, so the gain rescales away).
-    er_amp = amp if "ER" in config.cell_channels else np.zeros(n)
-    spread = np.clip(np.concatenate([[0.0], 0.8 * er_amp]), 0, 1)[labels]
+    spread = np.clip(np.concatenate([[0.0], 0.8 * channel_amp("ER")]), 0, 1)[labels]
     perinuclear = perinuclear + spread * (1.0 - perinuclear)
     stack[ch["ER"]] = cyto * b("ER") * perinuclear * np.clip(0.6 + 0.5 * np.abs(coarse), 0, None)
     stack[ch["RNA"]] = b("RNA") * (0.25 * cyto + 0.3 * nucleus + 1.5 * nucleoli)
@@ -360,8 +362,7 @@ def synth_site(config: SynthConfig, class_index: int, site_index: int, empty: bo
     rim = inside & (dist > 0.8)
     stack[ch["AGP"]] = b("AGP") * (1.0 * rim + 0.3 * cyto * fibres)
     # Mito: puncta where texture exceeds a threshold that drops with the signal (denser).
-    mito_amp = amp if "Mito" in config.cell_channels else np.zeros(n)
-    thr = np.concatenate([[np.inf], 1.0 - 0.6 * mito_amp])[labels]
+    thr = np.concatenate([[np.inf], 1.0 - 0.6 * channel_amp("Mito")])[labels]
     stack[ch["Mito"]] = cyto * b("Mito") * (fine > thr) * (0.6 + 0.4 * np.abs(fine))
     np.clip(stack, 0, None, out=stack)
 
