@@ -150,6 +150,35 @@ def _explain_one(model, variables, x, mask, target, *, layer, method, feature_la
     return Explanation(logits=logits, targets=target, features=pooled, scores=result, cam=cam if return_cam else None)
 
 
+def soft_gradcamo(model: EfficientNet, variables, images: jax.Array, masks: jax.Array, targets: jax.Array, *,
+                  layer: str, method: str | CamWeights = "gradcam") -> jax.Array:
+    """Differentiable per-cell Grad-CAMO of `targets`, for a training penalty.
+
+    images ``(N, *S, C)``, masks ``(N, *S)`` codes (1 = central cell), targets ``(N,)`` class
+    indices (no -1 here: the penalty explains the true class). Returns ``(N,)``
+    ``Σ cam·[mask = 1] / Σ cam`` with the map built exactly as in `explain` (BatchNorm in
+    inference mode with the given ``batch_stats``), differentiable with respect to
+    ``variables`` through both the activation and its gradient (a gradient of a gradient).
+    Where a map sums to 0 the score is 0 (not NaN, which would poison the loss), so the
+    penalty ``1 - score`` is at its maximum there; its gradient is then 0 through the ReLU.
+    """
+    method_fn = get_method(method)
+
+    def one(x, mask, target):
+        a = model.apply(variables, x[None], upto=layer, method="features")[layer]
+        logits, vjp, _ = jax.vjp(lambda act: model.apply(variables, act, layer, method="forward_from"), a, has_aux=True)
+        (g,) = vjp(jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)[None])
+        cam = upsample(cam_from_gradients(a[0], g[0], method_fn), x.shape[:-1])
+        # Sums in float32 at least (as in `gradcamo.scores`), float64 when the model is.
+        cam = cam.astype(jnp.promote_types(cam.dtype, jnp.float32))
+        total = jnp.sum(cam)
+        inside = jnp.sum(jnp.where(mask == 1, cam, 0.0))
+        ok = total > 0
+        return jnp.where(ok, inside / jnp.where(ok, total, 1.0), 0.0)
+
+    return jax.vmap(one)(images, masks, targets)
+
+
 @functools.lru_cache(maxsize=64)
 def make_explain_fn(
     model: EfficientNet,
@@ -303,5 +332,6 @@ __all__ = [
     "explain",
     "grad_cam",
     "make_explain_fn",
+    "soft_gradcamo",
     "upsample",
 ]

@@ -299,6 +299,16 @@ class TrainConfig:
       keep_best: ... plus the one with the best validation accuracy when True.
       async_checkpointing: write checkpoints in a background thread while training goes on.
       progress_bar: show a tqdm bar on process 0.
+      gradcamo_weight: λ of the Grad-CAMO regulariser: the loss becomes
+        ``CE + λ · mean_i (1 - GradCAMO_i)`` over the valid cells of the batch, where
+        GradCAMO_i is `gradcamo_jax.cam.soft_gradcamo` of cell i for its *true* class at
+        `gradcamo_layer` with `gradcamo_method`, differentiated through the CAM (a gradient
+        of a gradient). The CAM inside the penalty runs BatchNorm in inference mode with
+        the running statistics of the step's start, as every CAM does (train-mode
+        statistics would make each cell's map depend on the rest of the batch). Needs the
+        batch's ``mask`` (crop stores always carry it). 0 disables it (no extra cost).
+      gradcamo_layer: the named layer the penalty's CAM explains.
+      gradcamo_method: the penalty's CAM method (a key of `gradcamo_jax.CAM_METHODS`).
     """
 
     model: ModelConfig = ModelConfig()
@@ -323,8 +333,15 @@ class TrainConfig:
     keep_best: bool = True
     async_checkpointing: bool = True
     progress_bar: bool = True
+    gradcamo_weight: float = 0.0
+    gradcamo_layer: str = "stage2"
+    gradcamo_method: str = "gradcam"
 
     def __post_init__(self):
+        if self.gradcamo_weight < 0:
+            raise ValueError(f"TrainConfig.gradcamo_weight={self.gradcamo_weight}; expected >= 0")
+        if self.gradcamo_layer not in STAGE_NAMES:
+            raise ValueError(f"TrainConfig.gradcamo_layer={self.gradcamo_layer!r}; choose from {STAGE_NAMES}")
         if self.num_steps < 1 or self.log_every < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("TrainConfig.num_steps, log_every, checkpoint_every and keep_checkpoints must be >= 1")
         if self.strategy not in ("jit", "pmap"):

@@ -152,6 +152,9 @@ def train_step(
     class_weights: jax.Array,
     label_smoothing: float = 0.0,
     axis_name: str | None = None,
+    gradcamo_weight: float = 0.0,
+    gradcamo_layer: str = "stage2",
+    gradcamo_method: str = "gradcam",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One AdamW step on the weighted, label-smoothed cross-entropy of `batch`.
 
@@ -159,6 +162,10 @@ def train_step(
     valid). Under `jax.pmap` (`axis_name` set) each device differentiates its share
     ``Σ_local w ce / Σ_global w`` and the gradients are summed, which is the gradient
     of the same global loss. Metrics are global: loss, accuracy, grad_norm, lr.
+
+    With ``gradcamo_weight`` λ > 0 the loss adds ``λ · Σ_i v_i (1 - g_i) / Σ_i v_i``
+    (v = valid, g = `cam.soft_gradcamo` of the true class, see `TrainConfig`), and the
+    metrics add ``gradcamo`` (the batch mean of g) and ``ce`` (the cross-entropy alone).
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:
@@ -179,9 +186,21 @@ def train_step(
             rngs={"dropout": rng},
         )
         ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-        return jnp.sum(ce * weights) / jnp.maximum(weight_sum, 1e-12), (logits, updates["batch_stats"])
+        ce = jnp.sum(ce * weights) / jnp.maximum(weight_sum, 1e-12)
+        extra = {}
+        loss = ce
+        if gradcamo_weight > 0:
+            from gradcamo_jax.cam import soft_gradcamo
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            g = soft_gradcamo(model, {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                              batch["mask"], labels, layer=gradcamo_layer, method=gradcamo_method)
+            count = jnp.maximum(_psum(jnp.sum(valid), axis_name), 1.0)
+            loss = ce + gradcamo_weight * jnp.sum((1.0 - g) * valid) / count
+            extra = {"ce": ce, "gradcamo": jnp.sum(g * valid) / count}
+        return loss, (logits, updates["batch_stats"], extra)
+
+    (loss, (logits, batch_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    extra = _psum(extra, axis_name)
     grads = _psum(grads, axis_name)
     loss = _psum(loss, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -193,6 +212,7 @@ def train_step(
         "accuracy": correct / jnp.maximum(count, 1.0),
         "grad_norm": optax.global_norm(grads),
         "lr": schedule(state.step),
+        **extra,
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
@@ -274,6 +294,12 @@ def make_runner(config: TrainConfig, mesh: jax.sharding.Mesh, class_weights: np.
         class_weights=jnp.asarray(class_weights),
         label_smoothing=config.label_smoothing,
     )
+    if config.gradcamo_weight > 0:
+        from gradcamo_jax.cam import get_method
+
+        get_method(config.gradcamo_method)  # unknown names fail here, before compiling
+        kwargs.update(gradcamo_weight=config.gradcamo_weight, gradcamo_layer=config.gradcamo_layer,
+                      gradcamo_method=config.gradcamo_method)
     k = config.model.num_classes
     if config.strategy == "jit":
         repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
