@@ -9,7 +9,9 @@ split and initialisation): test accuracy, mean Grad-CAMO, fraction of cells abov
 chance level, attention split; and the per-cell AUROC of Grad-CAMO for telling the cells
 of the cell-signal model from those of each shortcut model. In ``neighbor`` mode the
 ground truth says which cells carry the signal, so the AUROC of marked vs unmarked cells
-within that one model is reported too.
+within that one model is reported too. The same architecture with untrained random weights
+("untrained", BatchNorm calibrated) is scored on the cell plate as a model-randomisation
+baseline: what Grad-CAMO reaches from image structure alone.
 
     python experiments/confounders.py --quick            # ≈ 12 min on 2 CPU cores
     python experiments/confounders.py --out DIR          # full: more steps, bigger plates, 5 seeds
@@ -66,14 +68,14 @@ def run_one(work: Path, mode: str, seed: int, config: Config, log) -> pd.DataFra
     from gradcamo_jax import EfficientNet
     from gradcamo_jax.data import formats
 
-    root = work / mode / f"seed{seed}"
-    done = root / "cells.parquet"
+    root = study.plate_dir(work, MODES[mode], seed, config.plate)
+    done = root / f"cells_{config.steps}steps.parquet"
     if done.exists():
         return pd.read_parquet(done)
     t0 = time.perf_counter()
     data = study.make_dataset(root, MODES[mode], seed, config.plate)
     t1 = time.perf_counter()
-    trained, variables, info = study.train_model(data, root / "run", study.train_config(config.plate, config.steps, seed))
+    trained, variables, info = study.train_model(data, root / f"run_{config.steps}steps", study.train_config(config.plate, config.steps, seed))
     t2 = time.perf_counter()
     images, masks, cells = study.load_split(data, "test")
     model = EfficientNet(trained.model)
@@ -88,9 +90,45 @@ def run_one(work: Path, mode: str, seed: int, config: Config, log) -> pd.DataFra
     out["correct"] = out["predicted"] == out["Metadata_Class"]
     t3 = time.perf_counter()
     formats.write_table(out, done)
-    formats.write_json({"data_s": t1 - t0, "train_s": t2 - t1, "score_s": t3 - t2, "train": info}, root / "timing.json")
+    formats.write_json({"data_s": t1 - t0, "train_s": t2 - t1, "score_s": t3 - t2, "train": info},
+                      root / f"timing_{config.steps}steps.json")
     log(f"{mode} seed {seed}: {len(cells)} test cells, accuracy {out['correct'].mean():.2f}, "
         f"data {t1 - t0:.0f} s, train {t2 - t1:.0f} s, score {t3 - t2:.0f} s")
+    return out
+
+
+def run_untrained(work: Path, seed: int, config: Config) -> pd.DataFrame:
+    """The model-randomisation baseline (Adebayo et al. 2018): the same architecture with its
+    initial random weights (BatchNorm statistics calibrated on 64 training crops, so
+    inference-mode activations do not vanish) scored on the ``cell`` plate's test cells.
+    A score that a model which learned nothing also reaches is not evidence of looking at
+    the cell; this, not only the volume fraction, is the level to beat."""
+    import jax
+
+    from gradcamo_jax import EfficientNet, calibrate_batch_stats, init
+    from gradcamo_jax.data import formats
+
+    root = study.plate_dir(work, MODES["cell"], seed, config.plate)
+    done = root / "untrained.parquet"
+    if done.exists():
+        return pd.read_parquet(done)
+    data = study.make_dataset(root, MODES["cell"], seed, config.plate)
+    cfg = study.train_config(config.plate, config.steps, seed)
+    model = EfficientNet(cfg.model)
+    train_images, _, _ = study.load_split(data, "train")
+    variables = init(cfg.model, jax.random.key(seed), train_images.shape[1:])
+    variables = calibrate_batch_stats(model, variables, train_images[:64])
+    images, masks, cells = study.load_split(data, "test")
+    keep = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber",
+                        "Metadata_Class", "Marked") if c in cells]
+    parts = []
+    for layer in config.layers:
+        for method, sc in study.score_cells(model, variables, images, masks, layer=layer,
+                                            methods=config.methods).items():
+            parts.append(pd.concat([cells[keep], sc], axis=1).assign(layer=layer, method=method))
+    out = pd.concat(parts, ignore_index=True).assign(mode="untrained", seed=seed)
+    out["correct"] = out["predicted"] == out["Metadata_Class"]
+    formats.write_table(out, done)
     return out
 
 
@@ -121,13 +159,14 @@ def summarize(cells: pd.DataFrame, config: Config) -> dict:
         return out
 
     shortcuts = [m for m in SHORTCUTS if m in config.modes]
-    auroc = {m: {**study.mean_sd(aurocs(prim, m)), "per_seed": aurocs(prim, m)} for m in shortcuts} \
+    compared = shortcuts + (["untrained"] if "untrained" in set(cells["mode"]) else [])
+    auroc = {m: {**study.mean_sd(aurocs(prim, m)), "per_seed": aurocs(prim, m)} for m in compared} \
         if "cell" in config.modes else {}
 
     grid = []
     for (lay, meth), sub in cells.groupby(["layer", "method"]):
         row = {"layer": lay, "method": meth}
-        for m in shortcuts if "cell" in config.modes else []:
+        for m in compared if "cell" in config.modes else []:
             row[f"auroc_cell_vs_{m}"] = study.mean_sd(aurocs(sub, m))["mean"]
         row["mean_gradcamo_cell_model"] = float(sub[sub["mode"] == "cell"]["gradcamo"].mean())
         if "neighbor" in config.modes:
@@ -137,7 +176,8 @@ def summarize(cells: pd.DataFrame, config: Config) -> dict:
                  for _, g in nb.groupby("seed")])["mean"]
         grid.append(row)
     grid = pd.DataFrame(grid)
-    auroc_cols = [c for c in grid.columns if c.startswith("auroc_cell_vs_")]
+    # The ranking averages over the shortcut models only (the untrained model is a baseline).
+    auroc_cols = [f"auroc_cell_vs_{m}" for m in shortcuts if f"auroc_cell_vs_{m}" in grid.columns]
     if auroc_cols:
         grid["auroc_mean"] = grid[auroc_cols].mean(axis=1)
         grid = grid.sort_values("auroc_mean", ascending=False)
@@ -170,7 +210,7 @@ def plot(summary: dict, path: Path, config: Config) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [m for m in config.modes if m in summary["modes"]]
+    modes = [m for m in (*config.modes, "untrained") if m in summary["modes"]]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     ax = axes[0]
     x = np.arange(len(modes))
@@ -185,7 +225,7 @@ def plot(summary: dict, path: Path, config: Config) -> Path:
     ax.set_xticks(x, modes)
     ax.set_ylabel("Grad-CAMO (test wells)")
     ax.set_title(f"Grad-CAMO by planted signal ({summary['primary']['method']} @ {summary['primary']['layer']})")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="lower right")
 
     ax = axes[1]
     cell = np.array(mean)
@@ -237,13 +277,16 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
     out.mkdir(parents=True, exist_ok=True)
+    study.enable_compile_cache(work / "jax_cache")
     t0 = time.perf_counter()
 
     def log(msg):
         print(f"[confounders {time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
-    cells = pd.concat([run_one(work, m, s, config, log) for s in config.seeds for m in config.modes],
-                      ignore_index=True)
+    parts = [run_one(work, m, s, config, log) for s in config.seeds for m in config.modes]
+    if "cell" in config.modes:
+        parts += [run_untrained(work, s, config) for s in config.seeds]
+    cells = pd.concat(parts, ignore_index=True)
     summary = summarize(cells, config)
     import jax
 

@@ -11,11 +11,11 @@ one in the background between them, the shortcut), once per λ, and evaluated on
 Step time is measured against λ = 0 (the penalty is a gradient through a CAM, i.e. a
 second-order pass through the network below the CAM layer).
 
-    python experiments/regularizer.py --quick        # 3 λ × 2 seeds on 2 CPU cores
-    python experiments/regularizer.py                # 5 λ × 3 seeds, longer runs (GPU)
+    python experiments/regularizer.py --quick        # λ = 0; 1, 4 at stage2; 4 at the stem; 2 seeds (CPU)
+    python experiments/regularizer.py                # 5 λ at stage2, 2 at the stem, 3 seeds, 600 steps (GPU)
 
 Writes ``OUT/regularizer.json`` and ``OUT/regularizer.png``; work files (cached,
-resumable) under ``--work``.
+resumable) under ``--work`` (default ``OUT/work``, which `confounders.py` may share).
 """
 
 from __future__ import annotations
@@ -42,93 +42,108 @@ class Config:
     """Sweep size; `QUICK` is the CPU setting.
 
     Attributes:
-      weights: the λ values.
+      runs: ``(penalty layer, λ)`` pairs, each trained once per seed; λ = 0 is the
+        unregularised baseline (its layer is ignored). Every model is evaluated at every
+        penalty layer of the list.
       seeds: each seed draws new plates, split and initialisation.
       steps: optimiser steps per run.
-      layer, method: the CAM inside the penalty and in the evaluation.
+      method: the CAM method of the penalty and the evaluation (Grad-CAM is also scored).
       plate: plate geometry (`study.PlateSpec`).
     """
 
-    weights: tuple[float, ...] = (0.0, 0.25, 1.0, 4.0, 16.0)
+    runs: tuple[tuple[str, float], ...] = (("stage2", 0.0), ("stage2", 0.25), ("stage2", 1.0), ("stage2", 4.0),
+                                           ("stage2", 16.0), ("stem", 1.0), ("stem", 4.0))
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 600
-    layer: str = "stage2"
     method: str = "layercam"
     plate: study.PlateSpec = study.PlateSpec(wells_per_dose=12, sites_per_well=3)
 
 
-QUICK = Config(weights=(0.0, 1.0, 4.0), seeds=(0, 1), steps=200, plate=study.PlateSpec(wells_per_dose=8, sites_per_well=2))
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(layer for layer, _ in self.runs))
 
 
-def run_one(work: Path, weight: float, seed: int, config: Config, log) -> dict:
-    """Train at one λ on the mixture plate of `seed`; evaluate on its test wells and the clean plate."""
+QUICK = Config(runs=(("stage2", 0.0), ("stage2", 1.0), ("stage2", 4.0), ("stem", 4.0)), seeds=(0, 1), steps=200, plate=study.PlateSpec(wells_per_dose=8, sites_per_well=2))
+
+
+def run_one(work: Path, weight: float, layer: str, seed: int, config: Config, log) -> dict:
+    """Train at one λ (penalty CAM at `layer`) on the mixture plate of `seed`; evaluate on its
+    test wells and on the clean plate, at every layer of `config.layers`."""
     from gradcamo_jax import EfficientNet
 
-    root = work / f"seed{seed}"
-    done = root / f"lambda{weight:g}.json"
+    root = study.plate_dir(work, MIXTURE, seed, config.plate)
+    tag = f"lambda{weight:g}_{layer}_{config.method}_{config.steps}steps" if weight else f"lambda0_{config.steps}steps"
+    done = root / f"{tag}.json"
     if done.exists():
         return json.loads(done.read_text())
-    mix = study.make_dataset(root / "mixture", MIXTURE, seed, config.plate)
-    clean = study.make_dataset(root / "clean", CLEAN, 1000 + seed, config.plate)
-    cfg = study.train_config(config.plate, config.steps, seed, gradcamo_weight=weight, gradcamo_layer=config.layer,
+    mix = study.make_dataset(root, MIXTURE, seed, config.plate)
+    clean = study.make_dataset(study.plate_dir(work, CLEAN, 1000 + seed, config.plate), CLEAN, 1000 + seed,
+                               config.plate)
+    cfg = study.train_config(config.plate, config.steps, seed, gradcamo_weight=weight, gradcamo_layer=layer,
                              gradcamo_method=config.method)
-    trained, variables, info = study.train_model(mix, root / f"run_lambda{weight:g}", cfg)
+    trained, variables, info = study.train_model(mix, root / f"run_{tag}", cfg)
     model = EfficientNet(trained.model)
-    out = {"lambda": weight, "seed": seed, "steps_per_second": info["steps_per_second"],
-           "train_s": info["seconds"]}
+    out = {"lambda": weight, "penalty_layer": layer if weight else "none", "seed": seed,
+           "steps_per_second": info["steps_per_second"], "train_s": info["seconds"]}
     for name, data in (("mixture_test", mix), ("clean_test", clean)):
         images, masks, cells = study.load_split(data, "test")
-        s = study.score_cells(model, variables, images, masks, layer=config.layer,
-                              methods=tuple(dict.fromkeys((config.method, "gradcam"))))
-        correct = s[config.method]["predicted"].to_numpy() == cells["Metadata_Class"].to_numpy()
-        out[name] = {"cells": int(len(cells)), "accuracy": float(correct.mean()),
-                     "mean_gradcamo": float(s[config.method]["gradcamo"].mean()),
-                     "mean_gradcamo_gradcam": float(s["gradcam"]["gradcamo"].mean()),
-                     "attention_background": float(s[config.method]["background"].mean()),
-                     "chance": float(s[config.method]["chance"].mean())}
+        out[name] = {"cells": int(len(cells))}
+        for lay in config.layers:
+            s = study.score_cells(model, variables, images, masks, layer=lay,
+                                  methods=tuple(dict.fromkeys((config.method, "gradcam"))))
+            correct = s[config.method]["predicted"].to_numpy() == cells["Metadata_Class"].to_numpy()
+            out[name]["accuracy"] = float(correct.mean())
+            out[name][f"mean_gradcamo_{lay}"] = float(s[config.method]["gradcamo"].mean())
+            out[name][f"mean_gradcamo_gradcam_{lay}"] = float(s["gradcam"]["gradcamo"].mean())
+            out[name][f"attention_background_{lay}"] = float(s[config.method]["background"].mean())
+            out[name]["chance"] = float(s[config.method]["chance"].mean())
     (root).mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(out, indent=1))
-    log(f"λ={weight:g} seed {seed}: mixture acc {out['mixture_test']['accuracy']:.2f} "
-        f"Grad-CAMO {out['mixture_test']['mean_gradcamo']:.3f}; clean acc {out['clean_test']['accuracy']:.2f}; "
-        f"{out['steps_per_second']:.2f} steps/s")
+    log(f"λ={weight:g} @ {out['penalty_layer']} seed {seed}: mixture acc {out['mixture_test']['accuracy']:.2f} "
+        f"Grad-CAMO {out['mixture_test'][f'mean_gradcamo_{config.layers[0]}']:.3f}; "
+        f"clean acc {out['clean_test']['accuracy']:.2f}; {out['steps_per_second']:.2f} steps/s")
     return out
 
 
 def summarize(runs: list[dict]) -> dict:
     rows = []
     for r in runs:
-        rows.append({"lambda": r["lambda"], "seed": r["seed"], "steps_per_second": r["steps_per_second"],
+        rows.append({"run": r["penalty_layer"] + f" λ={r['lambda']:g}" if r["lambda"] else "λ=0",
+                     "seed": r["seed"], "steps_per_second": r["steps_per_second"],
                      **{f"{split}_{k}": v for split in ("mixture_test", "clean_test") for k, v in r[split].items()}})
     df = pd.DataFrame(rows)
-    base = df[df["lambda"] == 0]["steps_per_second"].mean()
+    base = df[df["run"] == "λ=0"]["steps_per_second"].mean()
     table = {}
-    for lam, g in df.groupby("lambda"):
-        table[f"{lam:g}"] = {k: study.mean_sd(g[k]) for k in df.columns if k not in ("lambda", "seed")}
-        table[f"{lam:g}"]["step_time_vs_lambda0"] = float(base / g["steps_per_second"].mean())
-    return {"by_lambda": table, "runs": rows}
+    for run, g in df.groupby("run", sort=False):
+        table[run] = {k: study.mean_sd(g[k]) for k in df.columns if k not in ("run", "seed")}
+        table[run]["step_time_vs_lambda0"] = float(base / g["steps_per_second"].mean())
+    return {"by_run": table, "runs": rows}
 
 
-def plot(summary: dict, path: Path) -> Path:
+def plot(summary: dict, path: Path, layer: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lams = list(summary["by_lambda"])
-    x = np.arange(len(lams))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = list(summary["by_run"])
+    x = np.arange(len(runs))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, key, title in ((axes[0], "accuracy", "accuracy (test wells)"),
-                           (axes[1], "mean_gradcamo", "mean Grad-CAMO (test wells)")):
+                           (axes[1], f"mean_gradcamo_{layer}", f"mean Grad-CAMO at {layer} (test wells)")):
         for k, (split, colour) in enumerate((("mixture_test", "#cc6677"), ("clean_test", "#4477aa"))):
-            m = [summary["by_lambda"][lam][f"{split}_{key}"]["mean"] for lam in lams]
-            sd = [summary["by_lambda"][lam][f"{split}_{key}"]["sd"] for lam in lams]
-            ax.errorbar(x + 0.05 * (k - 0.5), m, yerr=sd, marker="o", capsize=4, color=colour,
+            m = [summary["by_run"][r][f"{split}_{key}"]["mean"] for r in runs]
+            sd = [summary["by_run"][r][f"{split}_{key}"]["sd"] for r in runs]
+            ax.errorbar(x + 0.05 * (k - 0.5), m, yerr=sd, marker="o", capsize=4, color=colour, ls="none",
                         label={"mixture_test": "mixture plate (shortcut present)",
                                "clean_test": "clean cell plate (no shortcut)"}[split])
-        if key == "mean_gradcamo":
-            ch = [summary["by_lambda"][lam]["clean_test_chance"]["mean"] for lam in lams]
-            ax.plot(x, ch, "k--", lw=1, label="chance")
-        ax.set_xticks(x, [f"λ={lam}" for lam in lams])
+        if key == "accuracy":
+            ax.axhline(1 / 3, color="k", ls=":", lw=1, label="chance (3 classes)")
+        else:
+            ch = [summary["by_run"][r]["clean_test_chance"]["mean"] for r in runs]
+            ax.plot(x, ch, "k--", lw=1, label="chance (volume fraction)")
+        ax.set_xticks(x, runs, fontsize=8)
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -140,27 +155,30 @@ def plot(summary: dict, path: Path) -> Path:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="experiments/results")
-    p.add_argument("--work", default=None, help="cache folder (default OUT/work/regularizer)")
-    p.add_argument("--quick", action="store_true", help="λ ∈ {0, 1, 4}, 2 seeds, 200 steps (CPU)")
-    p.add_argument("--weights", type=float, nargs="+")
+    p.add_argument("--work", default=None, help="cache folder (default OUT/work)")
+    p.add_argument("--quick", action="store_true", help="4 runs (λ = 0; 1, 4 at stage2; 4 at the stem) × 2 seeds, 200 steps (CPU)")
+    p.add_argument("--runs", nargs="+", metavar="LAYER=LAMBDA",
+                   help="penalty runs, e.g. stage2=0 stage2=1 stem=4 (default: see Config)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--steps", type=int)
     args = p.parse_args(argv)
     config = QUICK if args.quick else Config()
-    for field in ("weights", "seeds"):
-        if getattr(args, field):
-            config = dataclasses.replace(config, **{field: tuple(getattr(args, field))})
+    if args.runs:
+        config = dataclasses.replace(config, runs=tuple((r.split("=")[0], float(r.split("=")[1])) for r in args.runs))
+    if args.seeds:
+        config = dataclasses.replace(config, seeds=tuple(args.seeds))
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps)
     out = Path(args.out)
-    work = Path(args.work) if args.work else out / "work" / "regularizer"
+    work = Path(args.work) if args.work else out / "work"
     out.mkdir(parents=True, exist_ok=True)
+    study.enable_compile_cache(work / "jax_cache")
     t0 = time.perf_counter()
 
     def log(msg):
         print(f"[regularizer {time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
-    runs = [run_one(work, w, s, config, log) for s in config.seeds for w in config.weights]
+    runs = [run_one(work, w, lay, s, config, log) for s in config.seeds for lay, w in config.runs]
     summary = summarize(runs)
     import jax
 
@@ -168,14 +186,17 @@ def main(argv=None) -> dict:
                         "backend": jax.default_backend(), "wall_s": round(time.perf_counter() - t0, 1),
                         "command": "python experiments/regularizer.py " + " ".join(argv or sys.argv[1:])}
     (out / "regularizer.json").write_text(json.dumps(summary, indent=1, default=float))
-    plot(summary, out / "regularizer.png")
-    print(f"\nλ sweep on the mixture plate ({config.method} @ {config.layer}), mean ± sd over {len(config.seeds)} seeds")
-    print(f"{'λ':>6s} {'mix acc':>14s} {'mix GCO':>14s} {'clean acc':>14s} {'clean GCO':>14s} {'step ×':>7s}")
-    for lam, r in summary["by_lambda"].items():
-        cells = [r[k] for k in ("mixture_test_accuracy", "mixture_test_mean_gradcamo", "clean_test_accuracy",
-                                "clean_test_mean_gradcamo")]
-        print(f"{lam:>6s} " + " ".join(f"{c['mean']:6.3f} ± {c['sd']:5.3f}" for c in cells)
-              + f" {r['step_time_vs_lambda0']:7.2f}")
+    plot(summary, out / "regularizer.png", config.layers[0])
+    print(f"\nλ sweep on the mixture plate ({config.method}), mean ± sd over {len(config.seeds)} seeds; "
+          f"Grad-CAMO columns: {config.method} at each layer, then Grad-CAM")
+    cols = ["mixture_test_accuracy", "clean_test_accuracy"]
+    cols += [f"{sp}_mean_gradcamo_{lay}" for sp in ("mixture_test", "clean_test") for lay in config.layers]
+    cols += [f"clean_test_mean_gradcamo_gradcam_{lay}" for lay in config.layers]
+    print(f"{'run':>14s} " + " ".join(f"{c.replace('_test', '').replace('mean_gradcamo', 'GCO'):>22s}" for c in cols)
+          + "  step time ×")
+    for run, r in summary["by_run"].items():
+        print(f"{run:>14s} " + " ".join(f"{r[c]['mean']:13.3f} ± {r[c]['sd']:5.3f}" for c in cols)
+              + f" {r['step_time_vs_lambda0']:8.2f}")
     print(f"wrote {out / 'regularizer.json'} and {out / 'regularizer.png'} in {time.perf_counter() - t0:.0f} s")
     return summary
 

@@ -38,22 +38,37 @@ class DemoConfig:
 
     Attributes:
       preset: synthetic plate preset (`gradcamo_jax.data.synthetic.PRESETS`).
-      strength: strength of each plate's signal (`synthetic.parse_signal`). At 1 the tiny
+      strength: strength of the cell plate's signal (`synthetic.parse_signal`). At 1 the tiny
         model did not learn the cell plate in 300 steps (held-out accuracy 0.21, chance 0.17);
-        at 2 it reached 0.37 (the background plate 0.70).
+        at 2 it reached 0.37.
+      background_strength: strength of the background plate's signal.
+      cell_gain, background_level: `synthetic.SynthConfig` fields of both plates, set so the
+        two plates really differ only in where the dose shows. With the synthetic defaults
+        (gain 1, level 0.6) per-site percentile normalisation moves each signal into the other
+        place: brighter treated cells make the normalised background darker, and bright
+        background speckles dim the normalised cells (measured in experiments/study.py: in-cell
+        RNA 0.48 → 0.21 from control to top dose on a background plate). At gain 0 the cell
+        signal is morphology and texture (ER spread, Mito puncta, nucleus size).
       wells_per_dose: wells per dose (3 gives one train, one validation and one test well; 6
         gives four train wells: with one, the model memorised its two sites, accuracy 0.20).
       crop_size: stored crop (Z, Y, X).
       train: the training run (model, input transform, steps).
-      layer: the layer Grad-CAM explains. On the demo's 5×24×24 model input "stage2" is
-        3×6×6; "stage4" and later are 2×2×2, whose upsampled maps are nearly uniform, so
-        Grad-CAMO sits at the chance level whatever the model does (measured: 0.088 = chance).
+      layer: the layer the CAM explains. On the demo's 5×24×24 model input "stem" is 5×12×12
+        and "stage2" 3×6×6; "stage4" and later are 2×2×2, whose upsampled maps are nearly
+        uniform, so Grad-CAMO sits at the chance level whatever the model does (measured:
+        0.088 = chance). The stem was the most discriminative layer in
+        experiments/confounders.py.
+      method: the CAM method; LayerCAM told cell-signal from shortcut models best in
+        experiments/confounders.py (Grad-CAM at stage2 barely did).
       cam_sample: cells whose CAM volumes are kept for the report's overlays.
       seed: seed of plates and training.
     """
 
     preset: str = "demo"
     strength: float = 2.0
+    background_strength: float = 1.5
+    cell_gain: float = 0.0
+    background_level: float = 0.25
     wells_per_dose: int = 6
     crop_size: tuple[int, int, int] = (9, 48, 48)
     train: TrainConfig = TrainConfig(
@@ -73,7 +88,8 @@ class DemoConfig:
         keep_checkpoints=2,
         async_checkpointing=False,
     )
-    layer: str = "stage2"
+    layer: str = "stem"
+    method: str = "layercam"
     cam_sample: int = 64
     seed: int = 0
 
@@ -109,8 +125,10 @@ def run_plate(signal: str, out_dir: Path, config: DemoConfig, progress: bool = T
     t = time.perf_counter()
     plate_map = out_dir / "plate" / "platemap.csv"
     if not plate_map.exists():
-        synth = synthetic.make_config(config.preset, signal={signal: config.strength}, seed=config.seed,
-                                      wells_per_dose=config.wells_per_dose)
+        strength = config.strength if signal == "cell" else config.background_strength
+        synth = synthetic.make_config(config.preset, signal={signal: strength}, seed=config.seed,
+                                      wells_per_dose=config.wells_per_dose, cell_gain=config.cell_gain,
+                                      background_level=config.background_level)
         plate_map = synthetic.write_plate(synth, out_dir / "plate")
     times["synth_s"] = time.perf_counter() - t
 
@@ -128,7 +146,7 @@ def run_plate(signal: str, out_dir: Path, config: DemoConfig, progress: bool = T
     t = time.perf_counter()
     trained_cfg, variables = load_checkpoint(out_dir / "run", "best")
     model = EfficientNet(dataclasses.replace(trained_cfg.model, dtype="float32"))
-    score_cfg = ScoreConfig(layer=config.layer, feature_layers=(config.layer, "top"), batch_size=32,
+    score_cfg = ScoreConfig(layer=config.layer, method=config.method, feature_layers=(config.layer, "top"), batch_size=32,
                             rows_per_shard=1024, cam_sample=config.cam_sample)
     stats = score_dataset(model, variables, data, out_dir / "profiles", score_cfg, data_config=trained_cfg.data,
                           progress=progress)
