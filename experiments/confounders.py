@@ -63,6 +63,21 @@ class Config:
 QUICK = Config(seeds=(0, 1, 2), steps=200, plate=study.PlateSpec(wells_per_dose=8, sites_per_well=2))
 
 
+def score_all(model, variables, images, masks, cells: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """Every test cell × layer × method: the cell's keys, class and ``Marked`` beside its
+    prediction, Grad-CAMO split and ``correct``."""
+    keep = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber",
+                        "Metadata_Class", "Marked") if c in cells]
+    parts = []
+    for layer in config.layers:
+        for method, sc in study.score_cells(model, variables, images, masks, layer=layer,
+                                            methods=config.methods).items():
+            parts.append(pd.concat([cells[keep], sc], axis=1).assign(layer=layer, method=method))
+    out = pd.concat(parts, ignore_index=True)
+    out["correct"] = out["predicted"] == out["Metadata_Class"]
+    return out
+
+
 def run_one(work: Path, mode: str, seed: int, config: Config, log) -> pd.DataFrame:
     """One plate + model: per test cell × layer × method scores (cached in ``cells.parquet``)."""
     from gradcamo_jax import EfficientNet
@@ -78,16 +93,7 @@ def run_one(work: Path, mode: str, seed: int, config: Config, log) -> pd.DataFra
     trained, variables, info = study.train_model(data, root / f"run_{config.steps}steps", study.train_config(config.plate, config.steps, seed))
     t2 = time.perf_counter()
     images, masks, cells = study.load_split(data, "test")
-    model = EfficientNet(trained.model)
-    keep = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber",
-                        "Metadata_Class", "Marked") if c in cells]
-    parts = []
-    for layer in config.layers:
-        by_method = study.score_cells(model, variables, images, masks, layer=layer, methods=config.methods)
-        for method, s in by_method.items():
-            parts.append(pd.concat([cells[keep], s], axis=1).assign(layer=layer, method=method))
-    out = pd.concat(parts, ignore_index=True).assign(mode=mode, seed=seed)
-    out["correct"] = out["predicted"] == out["Metadata_Class"]
+    out = score_all(EfficientNet(trained.model), variables, images, masks, cells, config).assign(mode=mode, seed=seed)
     t3 = time.perf_counter()
     formats.write_table(out, done)
     formats.write_json({"data_s": t1 - t0, "train_s": t2 - t1, "score_s": t3 - t2, "train": info},
@@ -119,15 +125,7 @@ def run_untrained(work: Path, seed: int, config: Config) -> pd.DataFrame:
     variables = init(cfg.model, jax.random.key(seed), train_images.shape[1:])
     variables = calibrate_batch_stats(model, variables, train_images[:64])
     images, masks, cells = study.load_split(data, "test")
-    keep = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber",
-                        "Metadata_Class", "Marked") if c in cells]
-    parts = []
-    for layer in config.layers:
-        for method, sc in study.score_cells(model, variables, images, masks, layer=layer,
-                                            methods=config.methods).items():
-            parts.append(pd.concat([cells[keep], sc], axis=1).assign(layer=layer, method=method))
-    out = pd.concat(parts, ignore_index=True).assign(mode="untrained", seed=seed)
-    out["correct"] = out["predicted"] == out["Metadata_Class"]
+    out = score_all(model, variables, images, masks, cells, config).assign(mode="untrained", seed=seed)
     formats.write_table(out, done)
     return out
 

@@ -9,6 +9,8 @@ import sys
 import pandas as pd
 import pytest
 
+from gradcamo_jax.demo import tiny_config
+
 
 @pytest.mark.slow
 def test_tiny_demo_end_to_end(tmp_path):
@@ -18,8 +20,9 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "report:" in proc.stdout
     summary = json.loads((out / "demo.json").read_text())
-    assert [p["signal"] for p in summary["plates"]] == ["cell", "background"]
-    for plate in ("cell", "background"):
+    plates = [name for name, _ in tiny_config().plates]
+    assert [p["signal"] for p in summary["plates"]] == plates == ["cell", "site"]
+    for plate in plates:
         report = out / plate / "report"
         assert (report / "index.html").stat().st_size > 1000
         for png in ("umap", "scores_by_dose", "scores_by_site", "attention_split", "overlays"):
@@ -32,7 +35,7 @@ def test_tiny_demo_end_to_end(tmp_path):
         ok = prof["Metadata_GradCAMO"].between(0, 1) | prof["Metadata_GradCAMO_Undefined"]
         assert ok.all()
     index = (out / "index.html").read_text()
-    assert "cell/report/index.html" in index and "background/report/index.html" in index
+    assert "cell/report/index.html" in index and "site/report/index.html" in index
     # a rerun resumes: every stage finds its output and nothing is recomputed or duplicated
     again = subprocess.run([sys.executable, "-m", "gradcamo_jax.cli", "demo", "--tiny", "--out", str(out)],
                            capture_output=True, text=True, timeout=1200)
