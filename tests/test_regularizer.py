@@ -120,5 +120,8 @@ def test_study_scoring_agrees_with_explain_for_every_method(tiny3d):
         np.testing.assert_array_equal(got[method]["predicted"], np.asarray(ref.targets))
         for col, field in (("gradcamo", "cell"), ("neighbors", "neighbors"), ("background", "background"),
                            ("chance", "chance")):
-            np.testing.assert_allclose(got[method][col], np.asarray(getattr(ref.scores, field)), rtol=1e-5,
-                                       atol=1e-7, err_msg=f"{method} {col}")
+            # float32: the two programs batch differently (3 padded vs 4), so XLA fuses and
+            # rounds differently; Grad-CAM++'s weights use g² and g³ and amplify that to
+            # ~6e-5 relative (measured), Grad-CAM's agree to 1e-6.
+            np.testing.assert_allclose(got[method][col], np.asarray(getattr(ref.scores, field)), rtol=2e-4,
+                                       atol=1e-6, err_msg=f"{method} {col}")
