@@ -22,7 +22,6 @@ test cell × layer × method); work files under ``OUT/work/`` (cached, resumable
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -130,6 +129,13 @@ def run_untrained(work: Path, seed: int, config: Config) -> pd.DataFrame:
     return out
 
 
+def marked_aurocs(sub: pd.DataFrame) -> list[float]:
+    """Per seed, AUROC of Grad-CAMO for marked vs unmarked cells of the neighbor model."""
+    nb = sub[sub["mode"] == "neighbor"]
+    return [study.auroc(g[g["Marked"].astype(bool)]["gradcamo"], g[~g["Marked"].astype(bool)]["gradcamo"])
+            for _, g in nb.groupby("seed")]
+
+
 def summarize(cells: pd.DataFrame, config: Config) -> dict:
     """The numbers of confounders.json from the per-cell table."""
     layer, method = PRIMARY
@@ -168,10 +174,7 @@ def summarize(cells: pd.DataFrame, config: Config) -> dict:
             row[f"auroc_cell_vs_{m}"] = study.mean_sd(aurocs(sub, m))["mean"]
         row["mean_gradcamo_cell_model"] = float(sub[sub["mode"] == "cell"]["gradcamo"].mean())
         if "neighbor" in config.modes:
-            nb = sub[sub["mode"] == "neighbor"]
-            row["auroc_marked_vs_unmarked"] = study.mean_sd(
-                [study.auroc(g[g["Marked"] == True]["gradcamo"], g[g["Marked"] == False]["gradcamo"])  # noqa: E712
-                 for _, g in nb.groupby("seed")])["mean"]
+            row["auroc_marked_vs_unmarked"] = study.mean_sd(marked_aurocs(sub))["mean"]
         grid.append(row)
     grid = pd.DataFrame(grid)
     # The ranking averages over the shortcut models only (the untrained model is a baseline).
@@ -183,14 +186,14 @@ def summarize(cells: pd.DataFrame, config: Config) -> dict:
     neighbor = {}
     if "neighbor" in config.modes:
         nb = prim[prim["mode"] == "neighbor"]
-        per = [study.auroc(g[g["Marked"] == True]["gradcamo"], g[g["Marked"] == False]["gradcamo"])  # noqa: E712
-               for _, g in nb.groupby("seed")]
+        marked = nb["Marked"].astype(bool)
+        per = marked_aurocs(prim)
         neighbor = {
             "auroc_marked_vs_unmarked": {**study.mean_sd(per), "per_seed": per},
-            "mean_gradcamo_marked": float(nb[nb["Marked"] == True]["gradcamo"].mean()),  # noqa: E712
-            "mean_gradcamo_unmarked": float(nb[nb["Marked"] == False]["gradcamo"].mean()),  # noqa: E712
-            "accuracy_marked": float(nb[nb["Marked"] == True]["correct"].mean()),  # noqa: E712
-            "accuracy_unmarked": float(nb[nb["Marked"] == False]["correct"].mean()),  # noqa: E712
+            "mean_gradcamo_marked": float(nb[marked]["gradcamo"].mean()),
+            "mean_gradcamo_unmarked": float(nb[~marked]["gradcamo"].mean()),
+            "accuracy_marked": float(nb[marked]["correct"].mean()),
+            "accuracy_unmarked": float(nb[~marked]["correct"].mean()),
         }
     return {
         "primary": {"layer": layer, "method": method},
@@ -250,19 +253,11 @@ def plot(summary: dict, path: Path, config: Config) -> Path:
                 ax.text(j, i, f"{table.iat[i, j]:.2f}", ha="center", va="center", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
         ax.set_title("AUROC cell model vs shortcut models (mean)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return study.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--work", default=None, help="cache folder (default OUT/work)")
-    p.add_argument("--quick", action="store_true", help="3 seeds, 200 steps, 8 wells per dose (CPU)")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--steps", type=int)
+    p = study.arg_parser(__doc__, "3 seeds, 200 steps, 8 wells per dose (CPU)")
     p.add_argument("--modes", nargs="+", choices=list(MODES))
     args = p.parse_args(argv)
     config = QUICK if args.quick else Config()
@@ -272,14 +267,8 @@ def main(argv=None) -> dict:
         config = dataclasses.replace(config, steps=args.steps)
     if args.modes:
         config = dataclasses.replace(config, modes=tuple(args.modes))
-    out = Path(args.out)
-    work = Path(args.work) if args.work else out / "work"
-    out.mkdir(parents=True, exist_ok=True)
-    study.enable_compile_cache(work / "jax_cache")
+    out, work, log = study.start(args, "confounders")
     t0 = time.perf_counter()
-
-    def log(msg):
-        print(f"[confounders {time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
     parts = [run_one(work, m, s, config, log) for s in config.seeds for m in config.modes]
     if "cell" in config.modes:

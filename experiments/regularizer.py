@@ -20,7 +20,6 @@ resumable) under ``--work`` (default ``OUT/work``, which `confounders.py` may sh
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -71,6 +70,7 @@ def run_one(work: Path, weight: float, layer: str, seed: int, config: Config, lo
     """Train at one λ (penalty CAM at `layer`) on the mixture plate of `seed`; evaluate on its
     test wells and on the clean plate, at every layer of `config.layers`."""
     from gradcamo_jax import EfficientNet
+    from gradcamo_jax.data import formats
 
     root = study.plate_dir(work, MIXTURE, seed, config.plate)
     tag = f"lambda{weight:g}_{layer}_{config.method}_{config.steps}steps" if weight else f"lambda0_{config.steps}steps"
@@ -88,18 +88,19 @@ def run_one(work: Path, weight: float, layer: str, seed: int, config: Config, lo
            "steps_per_second": info["steps_per_second"], "train_s": info["seconds"]}
     for name, data in (("mixture_test", mix), ("clean_test", clean)):
         images, masks, cells = study.load_split(data, "test")
-        out[name] = {"cells": int(len(cells))}
-        for lay in config.layers:
-            s = study.score_cells(model, variables, images, masks, layer=lay,
-                                  methods=tuple(dict.fromkeys((config.method, "gradcam"))))
-            correct = s[config.method]["predicted"].to_numpy() == cells["Metadata_Class"].to_numpy()
-            out[name]["accuracy"] = float(correct.mean())
+        by_layer = {lay: study.score_cells(model, variables, images, masks, layer=lay,
+                                           methods=tuple(dict.fromkeys((config.method, "gradcam"))))
+                    for lay in config.layers}
+        # Prediction and chance level do not depend on the CAM layer: read them from the first.
+        first = by_layer[config.layers[0]][config.method]
+        out[name] = {"cells": int(len(cells)),
+                     "accuracy": float((first["predicted"].to_numpy() == cells["Metadata_Class"].to_numpy()).mean()),
+                     "chance": float(first["chance"].mean())}
+        for lay, s in by_layer.items():
             out[name][f"mean_gradcamo_{lay}"] = float(s[config.method]["gradcamo"].mean())
             out[name][f"mean_gradcamo_gradcam_{lay}"] = float(s["gradcam"]["gradcamo"].mean())
             out[name][f"attention_background_{lay}"] = float(s[config.method]["background"].mean())
-            out[name]["chance"] = float(s[config.method]["chance"].mean())
-    (root).mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(out, indent=1))
+    formats.write_json(out, done)
     log(f"λ={weight:g} @ {out['penalty_layer']} seed {seed}: mixture acc {out['mixture_test']['accuracy']:.2f} "
         f"Grad-CAMO {out['mixture_test'][f'mean_gradcamo_{config.layers[0]}']:.3f}; "
         f"clean acc {out['clean_test']['accuracy']:.2f}; {out['steps_per_second']:.2f} steps/s")
@@ -146,21 +147,13 @@ def plot(summary: dict, path: Path, layer: str) -> Path:
         ax.set_xticks(x, runs, fontsize=8)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return study.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--work", default=None, help="cache folder (default OUT/work)")
-    p.add_argument("--quick", action="store_true", help="4 runs (λ = 0; 1, 4 at stage2; 4 at the stem) × 2 seeds, 200 steps (CPU)")
+    p = study.arg_parser(__doc__, "4 runs (λ = 0; 1, 4 at stage2; 4 at the stem) × 2 seeds, 200 steps (CPU)")
     p.add_argument("--runs", nargs="+", metavar="LAYER=LAMBDA",
                    help="penalty runs, e.g. stage2=0 stage2=1 stem=4 (default: see Config)")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--steps", type=int)
     args = p.parse_args(argv)
     config = QUICK if args.quick else Config()
     if args.runs:
@@ -169,14 +162,8 @@ def main(argv=None) -> dict:
         config = dataclasses.replace(config, seeds=tuple(args.seeds))
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps)
-    out = Path(args.out)
-    work = Path(args.work) if args.work else out / "work"
-    out.mkdir(parents=True, exist_ok=True)
-    study.enable_compile_cache(work / "jax_cache")
+    out, work, log = study.start(args, "regularizer")
     t0 = time.perf_counter()
-
-    def log(msg):
-        print(f"[regularizer {time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
     runs = [run_one(work, w, lay, s, config, log) for s in config.seeds for lay, w in config.runs]
     summary = summarize(runs)

@@ -9,6 +9,7 @@ study folder, so an interrupted study rerun with the same arguments continues.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -137,14 +138,15 @@ def train_model(data: Path, workdir: Path, config: TrainConfig) -> tuple[TrainCo
 def load_split(data: Path, split: str = "test") -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """All crops of one split in memory: images ``(N, Z, Y, X, C)`` float32, masks ``(N, Z, Y, X)``
     uint8, and their rows of the cell table joined with the plate's ground truth."""
-    from gradcamo_jax.data import formats, synthetic
+    from gradcamo_jax.data import formats, pipeline, synthetic
 
-    cells = formats.read_cells(data)
-    cells = cells[cells["Metadata_Split"] == split].reset_index(drop=True)
-    store = formats.open_crops(data)
-    rows = cells["Metadata_Row"].to_numpy(np.int64) if "Metadata_Row" in cells else cells.index.to_numpy()
-    images = np.stack([np.asarray(store.image[int(r)], np.float32) for r in rows])
-    masks = np.stack([np.asarray(store.mask[int(r)], np.uint8) for r in rows])
+    # open_dataset maps cells to store rows and takes the stored split (checked by well).
+    ds = pipeline.open_dataset(str(data), DataConfig(use_stored_split=True))
+    source = ds.sources[split]
+    cells = ds.cells[ds.cells["split"] == split].drop(columns="split").reset_index(drop=True)
+    items = [source[i] for i in range(len(source))]
+    images = np.stack([it["image"] for it in items])
+    masks = np.stack([it["mask"] for it in items])
     truth_path = data.parent / "plate" / synthetic.GROUND_TRUTH_TABLE
     if truth_path.exists():
         truth = formats.read_table(truth_path)
@@ -159,19 +161,14 @@ def _maps_fn(model, layer: str, methods: tuple[str, ...]):
     """Jitted per-batch scores of every method at one layer: the activation and its gradient
     are method-independent, so the trunk is traced (and compiled) once per layer, not once per
     (layer, method) as separate `explain` calls would be. The steps are `explain`'s own:
-    `cam_from_gradients`, `upsample`, `gradcamo.scores`."""
+    `layer_gradient`, `cam_from_gradients`, `upsample`, `gradcamo.scores`."""
     import jax
-    import jax.numpy as jnp
 
-    from gradcamo_jax.cam import cam_from_gradients, upsample
+    from gradcamo_jax.cam import cam_from_gradients, layer_gradient, upsample
     from gradcamo_jax.gradcamo import scores
 
     def one(variables, x, mask):
-        a = model.apply(variables, x[None], upto=layer, method="features")[layer]
-        logits, vjp, _ = jax.vjp(lambda act: model.apply(variables, act, layer, method="forward_from"), a,
-                                 has_aux=True)
-        target = jnp.argmax(logits[0])
-        (g,) = vjp(jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)[None])
+        _, target, _, _, a, g = layer_gradient(model, variables, x, -1, layer)
         out = {"predicted": target}
         for m in methods:
             r = scores(upsample(cam_from_gradients(a[0], g[0], m), x.shape[:-1])[None], mask[None])
@@ -222,3 +219,38 @@ def mean_sd(values) -> dict:
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
     return {"mean": float(v.mean()) if len(v) else float("nan"),
             "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"), "n": int(len(v))}
+
+
+def arg_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options both studies share: --out, --work, --quick, --seeds, --steps."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument("--work", default=None, help="cache folder (default OUT/work; the two studies may share it)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--steps", type=int)
+    return p
+
+
+def start(args: argparse.Namespace, name: str):
+    """Output and cache folders of a study run (created, XLA compile cache on) and its logger
+    (elapsed seconds in front of every line). Returns ``(out, work, log)``."""
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    enable_compile_cache(work / "jax_cache")
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{name} {time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+
+    return out, work, log
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

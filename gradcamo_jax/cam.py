@@ -125,18 +125,28 @@ class Explanation:
     cam: jax.Array | None
 
 
-def _explain_one(model, variables, x, mask, target, *, layer, method, feature_layers, return_cam, resize):
-    """One crop ``x`` ``(*S, C)``, mask ``(*S,)`` or None, target scalar (-1 = predicted)."""
+def layer_gradient(model, variables, x, target, layer: str):
+    """The pieces every CAM of one crop is built from, with one forward and one vjp.
+
+    x ``(*S, C)``; target scalar class index, -1 = the predicted class. Returns
+    ``(logits (K,), target, features, later, a, g)``: ``features``/``later`` the named
+    activations before/after `layer` (each with a leading axis of 1), ``a`` the activation at
+    `layer` and ``g = ∂ logit_target / ∂ a`` (both ``(1, *s, K_layer)``). Only the network
+    after `layer` is differentiated.
+    """
     feats = model.apply(variables, x[None], upto=layer, method="features")
     a = feats[layer]
-
-    def tail(act):
-        return model.apply(variables, act, layer, method="forward_from")
-
-    logits, vjp, later = jax.vjp(tail, a, has_aux=True)
+    logits, vjp, later = jax.vjp(lambda act: model.apply(variables, act, layer, method="forward_from"), a,
+                                 has_aux=True)
     logits = logits[0]
     target = jnp.where(target < 0, jnp.argmax(logits), target).astype(jnp.int32)
     (g,) = vjp(jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)[None])
+    return logits, target, feats, later, a, g
+
+
+def _explain_one(model, variables, x, mask, target, *, layer, method, feature_layers, return_cam, resize):
+    """One crop ``x`` ``(*S, C)``, mask ``(*S,)`` or None, target scalar (-1 = predicted)."""
+    logits, target, feats, later, a, g = layer_gradient(model, variables, x, target, layer)
     cam = cam_from_gradients(a[0], g[0], method)
     if resize:
         cam = upsample(cam, x.shape[:-1])
@@ -165,16 +175,12 @@ def soft_gradcamo(model: EfficientNet, variables, images: jax.Array, masks: jax.
     method_fn = get_method(method)
 
     def one(x, mask, target):
-        a = model.apply(variables, x[None], upto=layer, method="features")[layer]
-        logits, vjp, _ = jax.vjp(lambda act: model.apply(variables, act, layer, method="forward_from"), a, has_aux=True)
-        (g,) = vjp(jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)[None])
+        _, _, _, _, a, g = layer_gradient(model, variables, x, target, layer)
         cam = upsample(cam_from_gradients(a[0], g[0], method_fn), x.shape[:-1])
-        # Sums in float32 at least (as in `gradcamo.scores`), float64 when the model is.
-        cam = cam.astype(jnp.promote_types(cam.dtype, jnp.float32))
-        total = jnp.sum(cam)
-        inside = jnp.sum(jnp.where(mask == 1, cam, 0.0))
-        ok = total > 0
-        return jnp.where(ok, inside / jnp.where(ok, total, 1.0), 0.0)
+        r = scores(cam[None], mask[None])
+        # The NaN of an undefined score sits in the branch `where` does not select, so no NaN
+        # reaches the gradient.
+        return jnp.where(r.cam_zero[0], 0.0, r.cell[0])
 
     return jax.vmap(one)(images, masks, targets)
 
@@ -331,6 +337,7 @@ __all__ = [
     "cam_from_gradients",
     "explain",
     "grad_cam",
+    "layer_gradient",
     "make_explain_fn",
     "soft_gradcamo",
     "upsample",

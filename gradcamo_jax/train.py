@@ -174,6 +174,7 @@ def train_step(
     valid = batch["valid"].astype(jnp.float32)
     weights = class_weights[labels] * valid
     weight_sum = _psum(jnp.sum(weights), axis_name)
+    count = _psum(jnp.sum(valid), axis_name)  # valid cells of the global batch
     num_classes = class_weights.shape[0]
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
 
@@ -194,9 +195,9 @@ def train_step(
 
             g = soft_gradcamo(model, {"params": params, "batch_stats": state.batch_stats}, batch["image"],
                               batch["mask"], labels, layer=gradcamo_layer, method=gradcamo_method)
-            count = jnp.maximum(_psum(jnp.sum(valid), axis_name), 1.0)
-            loss = ce + gradcamo_weight * jnp.sum((1.0 - g) * valid) / count
-            extra = {"ce": ce, "gradcamo": jnp.sum(g * valid) / count}
+            n = jnp.maximum(count, 1.0)
+            loss = ce + gradcamo_weight * jnp.sum((1.0 - g) * valid) / n
+            extra = {"ce": ce, "gradcamo": jnp.sum(g * valid) / n}
         return loss, (logits, updates["batch_stats"], extra)
 
     (loss, (logits, batch_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -206,7 +207,6 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     correct = _psum(jnp.sum((jnp.argmax(logits, -1) == labels) * valid), axis_name)
-    count = _psum(jnp.sum(valid), axis_name)
     metrics = {
         "loss": loss,
         "accuracy": correct / jnp.maximum(count, 1.0),
@@ -293,13 +293,14 @@ def make_runner(config: TrainConfig, mesh: jax.sharding.Mesh, class_weights: np.
         schedule=learning_rate_schedule(config),
         class_weights=jnp.asarray(class_weights),
         label_smoothing=config.label_smoothing,
+        gradcamo_weight=config.gradcamo_weight,
+        gradcamo_layer=config.gradcamo_layer,
+        gradcamo_method=config.gradcamo_method,
     )
     if config.gradcamo_weight > 0:
         from gradcamo_jax.cam import get_method
 
         get_method(config.gradcamo_method)  # unknown names fail here, before compiling
-        kwargs.update(gradcamo_weight=config.gradcamo_weight, gradcamo_layer=config.gradcamo_layer,
-                      gradcamo_method=config.gradcamo_method)
     k = config.model.num_classes
     if config.strategy == "jit":
         repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)

@@ -16,24 +16,36 @@ from gradcamo_jax.config import DataConfig, TrainConfig
 from gradcamo_jax.train import create_state, learning_rate_schedule, make_optimizer, train_step
 
 
-def test_soft_gradcamo_equals_the_explained_score_of_the_same_class(tiny3d):
-    """Same number as `explain` (whose ratio is computed by `gradcamo.scores`) for a named class;
-    a map that sums to 0 scores 0 instead of NaN."""
+def _numpy_ratio(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Σ cam·[mask = 1] / Σ cam per cell in float64 NumPy; NaN where the map sums to 0."""
+    cams = np.asarray(cams, np.float64)
+    axes = tuple(range(1, cams.ndim))
+    total = cams.sum(axes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (cams * (masks == 1)).sum(axes) / total, np.nan)
+
+
+def test_soft_gradcamo_equals_the_ratio_of_the_explained_maps(tiny3d):
+    """For a named class, the penalty's score is Σ cam·[mask = 1] / Σ cam of the map `explain`
+    returns for that class (ratio taken here in NumPy, not by `gradcamo.scores`); a map that
+    sums to 0 scores 0 instead of NaN."""
     s = tiny3d
     targets = np.array([0, 1, 2, 3])
+
+    def both(images, layer):
+        e = explain(s.model, s.variables, images, s.masks, layer=layer, targets=targets, return_cam=True)
+        got = soft_gradcamo(s.model, s.variables, jnp.asarray(images), jnp.asarray(s.masks), jnp.asarray(targets),
+                            layer=layer)
+        return np.asarray(got), _numpy_ratio(e.cam, s.masks)
+
     for layer in ("stage2", "stage4"):
-        ref = np.asarray(explain(s.model, s.variables, s.images, s.masks, layer=layer, targets=targets).scores.cell)
-        got = np.asarray(soft_gradcamo(s.model, s.variables, jnp.asarray(s.images), jnp.asarray(s.masks),
-                                       jnp.asarray(targets), layer=layer))
+        got, ref = both(s.images, layer)
         ok = np.isfinite(ref)
         assert ok.sum() >= 2
         np.testing.assert_allclose(got[ok], ref[ok], rtol=1e-5, atol=1e-6)
         assert np.all(got[~ok] == 0)
     # All-zero images: every activation is a constant, the maps of most classes vanish.
-    zero = jnp.zeros_like(jnp.asarray(s.images))
-    ref = np.asarray(explain(s.model, s.variables, zero, s.masks, layer="stage4", targets=targets).scores.cell)
-    got = np.asarray(soft_gradcamo(s.model, s.variables, zero, jnp.asarray(s.masks), jnp.asarray(targets),
-                                   layer="stage4"))
+    got, ref = both(np.zeros_like(s.images), "stage4")
     assert np.all(np.isfinite(got))
     np.testing.assert_array_equal(got[~np.isfinite(ref)], 0.0)
 
