@@ -48,6 +48,17 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["fused", "loop"])
+def depthwise_path(request, monkeypatch):
+    """Which formulation `_depthwise_impl` takes (it picks by output size): every depthwise
+    case runs through both. Caches are cleared so no trace of the other path is reused."""
+    limit = -1 if request.param == "fused" else 2**62
+    monkeypatch.setattr(convlib, "_LOOP_MAX_BYTES", limit)
+    jax.clear_caches()
+    yield request.param
+    jax.clear_caches()
+
+
 def _data(spatial, k, cin, cout, depthwise, seed=0):
     rng = np.random.default_rng(seed)
     nd = len(spatial)
@@ -58,8 +69,10 @@ def _data(spatial, k, cin, cout, depthwise, seed=0):
 
 @pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{len(c[0])}d-k{c[1]}-s{''.join(map(str, c[2]))}")
-def test_value_and_gradients_match_lax_conv_in_float64(case, depthwise, x64):
+def test_value_and_gradients_match_lax_conv_in_float64(case, depthwise, depthwise_path, x64):
     spatial, k, strides, cin, cout = case
+    if not depthwise and depthwise_path == "loop":
+        pytest.skip("the formulation switch is depthwise-only")
     if depthwise and k == 1:
         pytest.skip("a 1×1 depthwise conv is a per-channel scale; EfficientNet has none")
     x, w = _data(spatial, k, cin, cout, depthwise)
@@ -78,9 +91,11 @@ def test_value_and_gradients_match_lax_conv_in_float64(case, depthwise, x64):
 
 @pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
 @pytest.mark.parametrize("case", [CASES[3], CASES[5], CASES[1]], ids=["3d-k3-s122", "3d-k5-s121", "2d-k3-s11"])
-def test_second_derivatives_match_lax_conv(case, depthwise, x64):
+def test_second_derivatives_match_lax_conv(case, depthwise, depthwise_path, x64):
     """Gradient of a function of the input gradient (what a differentiable CAM penalty does)."""
     spatial, k, strides, cin, cout = case
+    if not depthwise and depthwise_path == "loop":
+        pytest.skip("the formulation switch is depthwise-only")
     x, w = _data(spatial, k, cin, cout, depthwise, seed=2)
     ct = jnp.asarray(np.random.default_rng(3).normal(size=reference(x, w, strides, depthwise).shape))
 
@@ -95,7 +110,7 @@ def test_second_derivatives_match_lax_conv(case, depthwise, x64):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_float32_and_bfloat16_accumulate_accurately():
+def test_float32_and_bfloat16_accumulate_accurately(depthwise_path):
     """bf16 inputs are summed in f32: the error is the inputs' rounding, not the sum's."""
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(1, 5, 12, 12, 16)), jnp.float32)

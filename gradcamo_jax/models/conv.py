@@ -16,7 +16,9 @@ grouped (depthwise) or few-channel convolutions (a depthwise 3×3×3 conv at
 (8, 21, 64, 64, 96) takes ~17 s there), so "shifted" rewrites them:
 
 * depthwise: a sum over kernel taps of strided slices of the zero-padded input times
-  the tap's per-channel weights, which XLA fuses into one elementwise loop;
+  the tap's per-channel weights, which XLA fuses into one elementwise loop (small
+  outputs: a loop over the first kernel axis, so XLA cannot recompute the sum inside
+  each consumer, see `_depthwise_loop`);
 * dense with kernel > 1 (the stem, few input channels): im2col — the taps' strided
   views stacked on the channel axis — then one matmul, block by block;
 * 1×1: a (strided) slice and a matmul, for every impl except "xla".
@@ -63,6 +65,12 @@ _BLOCK_BYTES = 384 * 1024
 
 # Most kernel taps summed in one elementwise fusion (see `_tap_groups`).
 _MAX_FUSED_TAPS = 27
+
+# Depthwise outputs up to this many bytes (accumulation dtype, whole array) are summed by
+# `_depthwise_loop`; larger ones by one fused tap sum. Measured on 2 AVX-512 cores: the loop
+# makes stage6's backward 2.5× faster (8×2×4×4×1152, 1.2 MB) and the first stages'
+# forward ~1.4× slower (8×11×64×64×32, 46 MB).
+_LOOP_MAX_BYTES = 4 * 2**20
 
 
 # ----------------------------------------------------------------------------- public API
@@ -482,9 +490,9 @@ _dense_wgrad.defvjp(_dense_wgrad_fwd, _dense_wgrad_bwd)
 def _depthwise_impl(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads: Pads) -> jax.Array:
     """Valid strided depthwise correlation of ``pad(x, pads)``: ``x (..., *S, C)``, ``w (*K, C)``.
 
-    ``y[j] = sum_t pad(x)[j*s + t] * w[t]`` per channel, as one fused elementwise sum over
-    taps (each output element reads its taps from neighbouring memory, so no blocking is
-    needed), accumulated in at least f32.
+    ``y[j] = sum_t pad(x)[j*s + t] * w[t]`` per channel, accumulated in at least f32: one
+    fused elementwise sum over taps for large outputs, a loop over the leading kernel axis
+    for small ones (`_LOOP_MAX_BYTES`, see `_depthwise_loop`).
     """
     nd = len(strides)
     ksize = w.shape[:nd]
@@ -492,6 +500,9 @@ def _depthwise_impl(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads: 
     out = _out_size(_spatial(x, nd), ksize, strides, pads)
     xp = _pad_spatial(x, pads)
     wa = w.astype(acc)
+    out_bytes = math.prod(x.shape[: x.ndim - 1 - nd]) * math.prod(out) * x.shape[-1] * jnp.dtype(acc).itemsize
+    if nd > 1 and ksize[0] > 1 and out_bytes <= _LOOP_MAX_BYTES:
+        return _depthwise_loop(xp, wa, ksize, strides, out).astype(x.dtype)
     y = None
     for group in _tap_groups(ksize):
         part = None
@@ -501,6 +512,35 @@ def _depthwise_impl(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads: 
         # The barrier keeps XLA from merging the groups back into one fusion.
         y = part if y is None else lax.optimization_barrier(y) + part
     return y.astype(x.dtype)
+
+
+def _depthwise_loop(xp: jax.Array, wa: jax.Array, ksize, strides, out) -> jax.Array:
+    """The depthwise correlation as a loop over the leading kernel axis, each iteration one
+    fusion of the remaining taps added to the carried sum; in ``wa``'s dtype.
+
+    Why: the fused tap sum is an elementwise loop fusion, and XLA:CPU duplicates such
+    fusions into each consumer. In a backward pass, the activation derivative needs the
+    conv output, so the 125-tap sum of a 5×5×5 block was recomputed twice more inside the
+    cotangent's fusions (measured: stage6's vjp 6× its forward). A loop carry is a
+    materialised buffer that cannot be duplicated. It costs one read-modify-write of the
+    sum per kernel slice, which is why large outputs keep the single fusion.
+    """
+    nd = len(strides)
+    ax = xp.ndim - 1 - nd
+    span = (out[0] - 1) * strides[0] + 1
+    inner = _taps(ksize[1:])
+
+    def body(t0, y):
+        xs = lax.dynamic_slice_in_dim(xp, t0, span, axis=ax)
+        w0 = lax.dynamic_index_in_dim(wa, t0, axis=0, keepdims=False)
+        part = None
+        for t in inner:
+            term = _tap_view(xs, (0, *t), out, strides).astype(wa.dtype) * w0[t]
+            part = term if part is None else part + term
+        return y + part
+
+    y0 = jnp.zeros((*xp.shape[:ax], *out, xp.shape[-1]), wa.dtype)
+    return lax.fori_loop(0, ksize[0], body, y0)
 
 
 def _tap_groups(ksize: Sequence[int]) -> list[list[tuple[int, ...]]]:

@@ -152,5 +152,12 @@ def calibrate_batch_stats(model: EfficientNet, variables: dict, images: jax.Arra
     for tests and benchmarks. Trained models do not need it.
     """
     cfg = dataclasses.replace(model.config, bn_momentum=0.0, drop_path_rate=0.0, dropout_rate=0.0)
+    return _calibrate(cfg, variables, images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _calibrate(cfg: ModelConfig, variables: dict, images: jax.Array) -> dict:
+    # Jitted: run op by op, the engineered convolutions' loops and custom VJPs made one
+    # calibration of B0 on 8 crops of 5×21×128×128 take 134 s on 2 cores.
     _, updates = EfficientNet(cfg).apply(variables, images, train=True, mutable=["batch_stats"])
     return {**variables, "batch_stats": updates["batch_stats"]}
