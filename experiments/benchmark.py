@@ -13,8 +13,8 @@ weights (copied into the PyTorch twin, `experiments/torch_twin.py`):
   monai_gradcam      monai.visualize.GradCAM on the twin, one call per class
   torch_train_step   the twin, AdamW, train mode
 
-For each: cells/s (median of `--repeats` timed calls after one warm-up call, whose
-time is reported separately as first-call/compile time) and the process's peak RSS
+For each: cells/s (median of `--repeats` timed calls after two warm-up calls, the first
+one's time reported separately as first-call/compile time) and the process's peak RSS
 after it (a high-water mark: it only grows). Prints a table and writes
 `benchmark.json` with ratios of cells/s (> 1 = gradcamo-jax is faster):
 ``forward_vs_pytorch``, ``explain_vs_pytorch_grad_cam``, ``explain_vs_hook_gradcam``,
@@ -63,10 +63,14 @@ def peak_rss_mb() -> float:
 
 
 def measure(name: str, fn, batch: int, repeats: int, note: str = "") -> Result:
-    """Call `fn()` (which must block until its result is ready) once to warm up, then `repeats` times."""
+    """Call `fn()` (which must block until its result is ready) twice to warm up (the first
+    call's time is reported as first-call/compile time), then `repeats` timed times."""
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
+    # One untimed settling call: the first rows after a switch between JAX and PyTorch ran
+    # up to 2x slow while the other runtime's worker threads wound down.
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
