@@ -48,15 +48,27 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["fused", "loop"])
+@pytest.fixture(params=["fused", "loop", "phases"])
 def depthwise_path(request, monkeypatch):
-    """Which formulation `_depthwise_impl` takes (it picks by output size): every depthwise
-    case runs through both. Caches are cleared so no trace of the other path is reused."""
-    limit = -1 if request.param == "fused" else 2**62
+    """Which formulations the depthwise convolutions take (they pick by output size): every
+    depthwise case runs with the fused tap sum, with the loop over the first kernel axis,
+    and with input gradients of strided convs split into output phases (the phases' own
+    convolutions then pick by size). Caches are cleared so no trace of another path is reused."""
+    limit = {"fused": -1, "loop": 2**62, "phases": convlib._LOOP_MAX_BYTES}[request.param]
     monkeypatch.setattr(convlib, "_LOOP_MAX_BYTES", limit)
+    monkeypatch.setattr(convlib, "_PHASE_MIN_BYTES", -1 if request.param == "phases" else 2**62)
     jax.clear_caches()
     yield request.param
     jax.clear_caches()
+
+
+def _skip_unswitched(depthwise: bool, path: str, strides) -> None:
+    """Skip combinations the `depthwise_path` switch does not change: dense convs, and stride-1
+    depthwise convs under "phases" (only strided convs have interior-padded input gradients)."""
+    if not depthwise and path != "fused":
+        pytest.skip("the formulation switch is depthwise-only")
+    if path == "phases" and all(s == 1 for s in strides):
+        pytest.skip("output phases only change the input gradient of a strided conv")
 
 
 def _data(spatial, k, cin, cout, depthwise, seed=0):
@@ -71,8 +83,7 @@ def _data(spatial, k, cin, cout, depthwise, seed=0):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{len(c[0])}d-k{c[1]}-s{''.join(map(str, c[2]))}")
 def test_value_and_gradients_match_lax_conv_in_float64(case, depthwise, depthwise_path, x64):
     spatial, k, strides, cin, cout = case
-    if not depthwise and depthwise_path == "loop":
-        pytest.skip("the formulation switch is depthwise-only")
+    _skip_unswitched(depthwise, depthwise_path, strides)
     if depthwise and k == 1:
         pytest.skip("a 1×1 depthwise conv is a per-channel scale; EfficientNet has none")
     x, w = _data(spatial, k, cin, cout, depthwise)
@@ -94,8 +105,7 @@ def test_value_and_gradients_match_lax_conv_in_float64(case, depthwise, depthwis
 def test_second_derivatives_match_lax_conv(case, depthwise, depthwise_path, x64):
     """Gradient of a function of the input gradient (what a differentiable CAM penalty does)."""
     spatial, k, strides, cin, cout = case
-    if not depthwise and depthwise_path == "loop":
-        pytest.skip("the formulation switch is depthwise-only")
+    _skip_unswitched(depthwise, depthwise_path, strides)
     x, w = _data(spatial, k, cin, cout, depthwise, seed=2)
     ct = jnp.asarray(np.random.default_rng(3).normal(size=reference(x, w, strides, depthwise).shape))
 
@@ -123,6 +133,49 @@ def test_float32_and_bfloat16_accumulate_accurately(depthwise_path):
     exact = reference(xb.astype(jnp.float32), wb.astype(jnp.float32), (1, 1, 1), True)
     # one bf16 rounding of the result (2^-8 relative), not 27 of them
     np.testing.assert_allclose(np.asarray(yb, np.float32), exact, rtol=2**-7, atol=2**-7 * float(jnp.abs(exact).max()))
+
+
+def _dilated_reference(x, w, strides, pads):
+    """Depthwise valid correlation of ``lax.pad(x, pads)`` by XLA's native convolution, with
+    interior padding expressed as ``lhs_dilation`` and low/high pads (negative = crop) as padding."""
+    nd = len(strides)
+    sp = {1: "W", 2: "HW", 3: "DHW"}[nd]
+    c = x.shape[-1]
+    wk = w.reshape(*w.shape[:nd], 1, c)
+    dn = lax.conv_dimension_numbers(x.shape, wk.shape, (f"N{sp}C", f"{sp}IO", f"N{sp}C"))
+    return lax.conv_general_dilated(
+        x, wk, strides, [(lo, hi) for lo, hi, _ in pads], lhs_dilation=[it + 1 for _, _, it in pads],
+        dimension_numbers=dn, feature_group_count=c, precision=lax.Precision.HIGHEST,
+    )
+
+
+def test_output_phases_match_dilated_lax_conv(monkeypatch, x64):
+    """`_depthwise_general` on interior-padded inputs (the geometry of a strided conv's input
+    gradient, and beyond: even kernels, crops, several dilated axes, phases that read no
+    input) against XLA's dilated convolution: values and both VJPs."""
+    monkeypatch.setattr(convlib, "_PHASE_MIN_BYTES", -1)
+    rng = np.random.default_rng(11)
+    tried = 0
+    while tried < 12:
+        nd = int(rng.integers(1, 4))
+        n = tuple(int(v) for v in rng.integers(1, 7, nd))
+        k = tuple(int(v) for v in rng.integers(1, 6, nd))
+        strides = tuple(int(v) for v in rng.integers(1, 3, nd))
+        pads = tuple((int(rng.integers(-1, ki + 1)), int(rng.integers(-1, ki + 1)), int(rng.integers(0, 3))) for ki in k)
+        if any(convlib._padded_len(ni, p) < ki for ni, p, ki in zip(n, pads, k)):
+            continue
+        if not any(it > 0 and s == 1 for (_, _, it), s in zip(pads, strides)):
+            continue
+        tried += 1
+        x = jnp.asarray(rng.normal(size=(2, *n, 3)))
+        w = jnp.asarray(rng.normal(size=(*k, 3)))
+        y, vjp = jax.vjp(lambda a, b: convlib._depthwise_general(a, b, strides, pads), x, w)
+        y_ref, vjp_ref = jax.vjp(lambda a, b: _dilated_reference(a, b, strides, pads), x, w)
+        assert y.shape == y_ref.shape, (n, k, strides, pads)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10, err_msg=str((n, k, strides, pads)))
+        ct = jnp.asarray(rng.normal(size=y.shape))
+        for got, want in zip(vjp(ct), vjp_ref(ct)):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10, err_msg=str((n, k, strides, pads)))
 
 
 def test_blocked_loops_cover_every_row():
