@@ -96,7 +96,8 @@ class ModelConfig:
       drop_path_rate: stochastic-depth rate of the last block (linear in block index).
       bn_momentum, bn_epsilon: BatchNorm running-average momentum and epsilon (TF/Keras values).
       bn_axis_name: mapped axis over which BatchNorm averages batch statistics under
-        `pmap`/`shard_map` (None under `jit`, where the batch is already global).
+        `pmap`/`shard_map` (None for a plain `jit` of the global batch; training sets
+        "data", see `gradcamo_jax.train`).
       dtype: compute dtype ("float32", "bfloat16" for GPU/TPU, or "float64" for
         reference computations under ``jax_enable_x64``); parameters are created float32.
       conv_impl: "auto" (engineered convolutions on CPU, XLA's native ones elsewhere),
@@ -290,8 +291,9 @@ class TrainConfig:
         normalised to mean 1) or one weight per class; the loss is the weighted mean.
       compute_dtype: "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32" or "bfloat16";
         overrides ``model.dtype`` for training. Parameters and optimiser state stay float32.
-      strategy: "jit" (one Mesh, batch sharded on "data", parameters replicated) or "pmap"
-        (the legacy per-device program with pmean'd gradients and BatchNorm statistics).
+      strategy: "jit" (one Mesh, batch sharded on "data", parameters replicated, the step
+        `shard_map`'d over "data") or "pmap" (the legacy `jax.pmap` of the same step); both
+        reduce gradients and BatchNorm statistics over the global batch.
       log_every: steps between JSONL log lines / progress-bar updates (also syncs the host).
       checkpoint_every: steps between checkpoints; every checkpoint is preceded by an
         evaluation on the validation wells, whose accuracy ranks the checkpoints.

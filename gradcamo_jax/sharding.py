@@ -4,9 +4,9 @@ Conventions: the mesh has one axis, ``"data"``; parameters, BatchNorm statistics
 optimiser state are replicated (``P()``); batches are split on their leading axis
 (``P("data")``). Each process loads only its rows of a global batch (see
 `gradcamo_jax.data.pipeline`) and `to_global` assembles the global array without
-moving data between hosts. Under `jax.jit` BatchNorm statistics are then means over
-the global batch automatically; the `pmap` strategy gets the same with
-``ModelConfig.bn_axis_name = DATA_AXIS``.
+moving data between hosts. Training maps its step over the ``"data"`` axis (`shard_map`
+or `pmap`, see `gradcamo_jax.train`), so BatchNorm averages its statistics over the global
+batch through ``ModelConfig.bn_axis_name = DATA_AXIS``.
 
 Multi-host start-up: `initialize_distributed` calls `jax.distributed.initialize` from
 explicit arguments, or from ``GRADCAMO_COORDINATOR`` / ``GRADCAMO_NUM_PROCESSES`` /

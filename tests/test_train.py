@@ -95,7 +95,8 @@ def test_training_model_config_resolves_dtype_and_bn_axis():
     m = train.training_model_config(cfg)
     assert m.bn_axis_name == "data"
     assert m.dtype == ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    assert train.training_model_config(dataclasses.replace(cfg, strategy="jit", compute_dtype="bfloat16")).dtype == "bfloat16"
+    jit_model = train.training_model_config(dataclasses.replace(cfg, strategy="jit", compute_dtype="bfloat16"))
+    assert jit_model.dtype == "bfloat16" and jit_model.bn_axis_name == "data"  # both strategies map over "data"
 
 
 def test_summarize_eval_per_class():

@@ -21,7 +21,8 @@ grouped (depthwise) or few-channel convolutions (a depthwise 3×3×3 conv at
   each consumer, see `_depthwise_loop`);
 * dense with kernel > 1 (the stem, few input channels): im2col — the taps' strided
   views stacked on the channel axis — then one matmul, block by block;
-* 1×1: a (strided) slice and a matmul, for every impl except "xla".
+* 1×1: a (strided) slice and a matmul, for every impl except "xla"; its kernel gradient
+  is blocked like the others (`_pointwise_matmul`).
 
 Both kernel > 1 formulations are written as *valid* correlations of ``lax.pad(x, pads)``
 (``pads`` per axis ``(low, high, interior)``). That family is closed under
@@ -370,12 +371,37 @@ def _matmul_last(x: jax.Array, w2: jax.Array, out_dtype=None) -> jax.Array:
 
 
 def _pointwise(x: jax.Array, w: jax.Array, strides: tuple[int, ...]) -> jax.Array:
-    """1×…×1 conv: subsample, then a matmul over channels. ``w`` is ``(1, …, 1, Cin, Cout)``.
-    Plain autodiff is already optimal here (the VJP is two matmuls and a strided pad)."""
+    """1×…×1 conv: subsample, then a matmul over channels (`_pointwise_matmul`). ``w`` is
+    ``(1, …, 1, Cin, Cout)``."""
+    nd = len(strides)
     if any(s > 1 for s in strides):
-        out = tuple(-(-n // s) for n, s in zip(_spatial(x, len(strides)), strides))
-        x = _tap_view(x, (0,) * len(strides), out, strides)
+        out = tuple(-(-n // s) for n, s in zip(_spatial(x, nd), strides))
+        x = _tap_view(x, (0,) * nd, out, strides)
+    return _pointwise_matmul(x, w)
+
+
+@jax.custom_vjp
+def _pointwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x (..., *S, Cin) @ w (1, …, 1, Cin, Cout)`` with a VJP whose kernel gradient is the
+    blocked `_dense_wgrad`. Why: autodiff's ``x^T g`` contracts the long position axis of two
+    channels-last arrays, and XLA:CPU first transposes the cotangent to channels-first (at
+    stage2's expand, 8×11×64×64×96: a 140 ms copy before a 44 ms matmul); per cache-sized
+    block the same product costs 17 ms in all."""
     return _matmul_last(x, w.reshape(w.shape[-2:]))
+
+
+def _pointwise_matmul_fwd(x, w):
+    return _pointwise_matmul(x, w), (x, w)
+
+
+def _pointwise_matmul_bwd(res, g):
+    x, w = res
+    nd = w.ndim - 2
+    dx = _pointwise_matmul(g, jnp.swapaxes(w, -1, -2))
+    return dx, _dense_wgrad(x, g, (1,) * nd, (1,) * nd, ((0, 0, 0),) * nd)
+
+
+_pointwise_matmul.defvjp(_pointwise_matmul_fwd, _pointwise_matmul_bwd)
 
 
 def _dense_fwd_impl(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads: Pads) -> jax.Array:
