@@ -51,11 +51,16 @@ CASES = [
 @pytest.fixture(params=["fused", "loop", "phases"])
 def depthwise_path(request, monkeypatch):
     """Which formulations the depthwise convolutions take (they pick by output size): every
-    depthwise case runs with the fused tap sum, with the loop over the first kernel axis,
+    depthwise case runs with the fused tap sum (kernels of ≤ 27 taps; larger ones always
+    loop) and its kernel gradient as one whole-array reduction, with the loop over the
+    first kernel axis and the blocked kernel gradient,
     and with input gradients of strided convs split into output phases (the phases' own
     convolutions then pick by size). Caches are cleared so no trace of another path is reused."""
     limit = {"fused": -1, "loop": 2**62, "phases": convlib._LOOP_MAX_BYTES}[request.param]
     monkeypatch.setattr(convlib, "_LOOP_MAX_BYTES", limit)
+    # Kernel gradients: one whole-array reduction under "fused", blocks under "loop".
+    whole = {"fused": 2**62, "loop": -1, "phases": convlib._WGRAD_WHOLE_MAX_BYTES}[request.param]
+    monkeypatch.setattr(convlib, "_WGRAD_WHOLE_MAX_BYTES", whole)
     monkeypatch.setattr(convlib, "_PHASE_MIN_BYTES", -1 if request.param == "phases" else 2**62)
     jax.clear_caches()
     yield request.param

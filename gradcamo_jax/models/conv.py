@@ -17,8 +17,8 @@ grouped (depthwise) or few-channel convolutions (a depthwise 3×3×3 conv at
 
 * depthwise: a sum over kernel taps of strided slices of the zero-padded input times
   the tap's per-channel weights, which XLA fuses into one elementwise loop (small
-  outputs: a loop over the first kernel axis, so XLA cannot recompute the sum inside
-  each consumer, see `_depthwise_loop`);
+  outputs and kernels of more than 27 taps: a loop over the first kernel axis, see
+  `_depthwise_loop`); its kernel gradient is one variadic reduction of all taps' products;
 * dense with kernel > 1 (the stem, few input channels): im2col — the taps' strided
   views stacked on the channel axis — then one matmul, block by block;
 * 1×1: a (strided) slice and a matmul, for every impl except "xla"; its kernel gradient
@@ -64,14 +64,22 @@ _SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
 # should stay in the per-core L2 (≥ 512 KiB on current x86) with room for the taps' copies.
 _BLOCK_BYTES = 384 * 1024
 
-# Most kernel taps summed in one elementwise fusion (see `_tap_groups`).
+# Kernels with more taps than this are always summed by `_depthwise_loop`. Measured on 2
+# AVX-512 cores: XLA:CPU's single fusion of a 5×5×5 kernel's 125 taps runs 3–7× slower than
+# the loop over its first axis at every size tried (5.9 MB: 99 → 13 ms; 46 MB: 423 → 104 ms).
 _MAX_FUSED_TAPS = 27
 
 # Depthwise outputs up to this many bytes (accumulation dtype, whole array) are summed by
-# `_depthwise_loop`; larger ones by one fused tap sum. Measured on 2 AVX-512 cores: the loop
-# makes stage6's backward 2.5× faster (8×2×4×4×1152, 1.2 MB) and the first stages'
-# forward ~1.4× slower (8×11×64×64×32, 46 MB).
+# `_depthwise_loop`; larger ones, with at most `_MAX_FUSED_TAPS` taps, by one fused tap sum.
+# Measured on 2 AVX-512 cores: the loop makes stage6's backward 2.5× faster (8×2×4×4×1152,
+# 1.2 MB) and the first stages' 3×3×3 forward ~2× slower (8×11×64×64×32, 46 MB).
 _LOOP_MAX_BYTES = 4 * 2**20
+
+# Depthwise kernel gradients whose input is at most this many bytes are one reduction over
+# the whole array; larger ones loop over cache-sized blocks (`_depthwise_wgrad_impl`).
+# Measured on 2 AVX-512 cores: 8×2×8×8×672 (1.4 MB) 34 → 15 ms, 8×3×16×16×240 (5.9 MB)
+# 47 → 37 ms unblocked; at 46 MB the unblocked reduction is 2.7× slower than blocks.
+_WGRAD_WHOLE_MAX_BYTES = 8 * 2**20
 
 # Interior-padded depthwise correlations (input gradients of strided convs) with outputs
 # above this many bytes run as output phases (`_depthwise_phases`). Measured on 2 AVX-512
@@ -523,9 +531,10 @@ _dense_wgrad.defvjp(_dense_wgrad_fwd, _dense_wgrad_bwd)
 def _depthwise_impl(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads: Pads) -> jax.Array:
     """Valid strided depthwise correlation of ``pad(x, pads)``: ``x (..., *S, C)``, ``w (*K, C)``.
 
-    ``y[j] = sum_t pad(x)[j*s + t] * w[t]`` per channel, accumulated in at least f32: one
-    fused elementwise sum over taps for large outputs, a loop over the leading kernel axis
-    for small ones (`_LOOP_MAX_BYTES`, see `_depthwise_loop`).
+    ``y[j] = sum_t pad(x)[j*s + t] * w[t]`` per channel, accumulated in at least f32: a loop
+    over the leading kernel axis for small outputs and for kernels of more than
+    `_MAX_FUSED_TAPS` taps (`_LOOP_MAX_BYTES`, see `_depthwise_loop`), one fused elementwise
+    sum over taps otherwise.
     """
     nd = len(strides)
     ksize = w.shape[:nd]
@@ -534,16 +543,12 @@ def _depthwise_impl(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads: 
     xp = _pad_spatial(x, pads)
     wa = w.astype(acc)
     out_bytes = math.prod(x.shape[: x.ndim - 1 - nd]) * math.prod(out) * x.shape[-1] * jnp.dtype(acc).itemsize
-    if nd > 1 and ksize[0] > 1 and out_bytes <= _LOOP_MAX_BYTES:
+    if nd > 1 and ksize[0] > 1 and (out_bytes <= _LOOP_MAX_BYTES or math.prod(ksize) > _MAX_FUSED_TAPS):
         return _depthwise_loop(xp, wa, ksize, strides, out).astype(x.dtype)
     y = None
-    for group in _tap_groups(ksize):
-        part = None
-        for t in group:
-            term = _tap_view(xp, t, out, strides).astype(acc) * wa[t]
-            part = term if part is None else part + term
-        # The barrier keeps XLA from merging the groups back into one fusion.
-        y = part if y is None else lax.optimization_barrier(y) + part
+    for t in _taps(ksize):
+        term = _tap_view(xp, t, out, strides).astype(acc) * wa[t]
+        y = term if y is None else y + term
     return y.astype(x.dtype)
 
 
@@ -576,45 +581,53 @@ def _depthwise_loop(xp: jax.Array, wa: jax.Array, ksize, strides, out) -> jax.Ar
     return lax.fori_loop(0, ksize[0], body, y0)
 
 
-def _tap_groups(ksize: Sequence[int]) -> list[list[tuple[int, ...]]]:
-    """Taps split into one fusion per leading-axis offset once there are more than
-    `_MAX_FUSED_TAPS`: XLA:CPU's loop fusion of all 125 taps of a 5×5×5 kernel runs ~1.7×
-    slower than five fusions of 25 that each add to the previous partial sum."""
-    taps = _taps(ksize)
-    if len(taps) <= _MAX_FUSED_TAPS:
-        return [taps]
-    return [[t for t in taps if t[0] == t0] for t0 in range(ksize[0])]
-
-
 def _depthwise_wgrad_impl(x: jax.Array, g: jax.Array, ksize: tuple[int, ...], strides: tuple[int, ...], pads: Pads):
     """``dw[t, c] = sum_{lead, j} pad(x)[..., j*s + t, c] * g[..., j, c]`` → ``(*K, C)`` in x's dtype.
 
-    One reduction per tap, looped over cache-sized blocks: unblocked, each of the
-    ``prod(K)`` reductions streams x and g from memory (measured ~5× slower)."""
+    All ``prod(K)`` tap sums are one variadic reduction (`_tap_sums`), so the products are
+    formed in one pass over the positions: as separate reductions, each of the
+    ``prod(K)`` sums was its own kernel launch over the block (measured 1.5–3.6× slower).
+    Inputs above `_WGRAD_WHOLE_MAX_BYTES` loop over cache-sized blocks of positions:
+    unblocked, the pass streams x and g from memory once per tap row."""
     nd = len(strides)
     out = _spatial(g, nd)
     c = g.shape[-1]
+    acc = _acc_dtype(x.dtype)
+    taps = _taps(ksize)
+    if x.size * x.dtype.itemsize <= _WGRAD_WHOLE_MAX_BYTES:
+        xp = _flatten_lead(_pad_spatial(x, pads), nd)
+        gf = _flatten_lead(g, nd).astype(acc)
+        views = [_tap_view(xp, t, out, strides).astype(acc) for t in taps]
+        return jnp.stack(_tap_sums(views, gf)).reshape(*ksize, c).astype(x.dtype)
     blocks = _plan_blocks(out, c * x.dtype.itemsize)
     xp = _flatten_lead(_block_padded_input(x, pads, ksize, strides, out, blocks), nd)
     gf = _flatten_lead(g, nd)
     gf = _pad_spatial(gf, tuple((0, blocks.rows * blocks.count - o if i == blocks.axis else 0, 0) for i, o in enumerate(out)))
     lead = xp.shape[0]
     bshape = _block_shape(out, blocks)
-    acc = _acc_dtype(x.dtype)
-    axes = tuple(range(nd + 1))
 
     def body(i, dw):
         b, starts = _loop_indices(i, lead, out, blocks)
         gb = lax.dynamic_slice(gf, (b, *starts, jnp.zeros_like(b)), (1, *bshape, c)).astype(acc)
-        rows = [
-            jnp.sum(_slice_block(xp, b, starts, bshape, ksize, strides, tap=t).astype(acc) * gb, axis=axes)
-            for t in _taps(ksize)
-        ]
-        return dw + jnp.stack(rows)
+        views = [_slice_block(xp, b, starts, bshape, ksize, strides, tap=t).astype(acc) for t in taps]
+        return dw + jnp.stack(_tap_sums(views, gb))
 
     dw = jnp.zeros((math.prod(ksize), c), acc)
     dw = lax.fori_loop(0, lead * math.prod(out[: blocks.axis]) * blocks.count, body, dw)
     return dw.reshape(*ksize, c).astype(x.dtype)
+
+
+def _tap_sums(views: list[jax.Array], g: jax.Array) -> tuple[jax.Array, ...]:
+    """``sum over all but the last axis of (v * g)`` for every ``v`` in `views` (each the shape
+    of ``g``, ``(..., C)``): one variadic `lax.reduce`, i.e. one loop with ``len(views)``
+    accumulators, instead of ``len(views)`` separate reductions."""
+    zero = jnp.zeros((), g.dtype)
+    return lax.reduce(
+        [v * g for v in views],
+        [zero] * len(views),
+        lambda a, b: tuple(ai + bi for ai, bi in zip(a, b)),
+        tuple(range(g.ndim - 1)),
+    )
 
 
 def _depthwise_general(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads: Pads) -> jax.Array:
