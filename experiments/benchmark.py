@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, init, make_explain_fn  # noqa: E402
 from gradcamo_jax.gradcamo import scores as gradcamo_scores  # noqa: E402
+from gradcamo_jax.runtime import hugepages_active  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -256,6 +257,9 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--out", default="benchmark.json")
+    p.add_argument("--no-hugepages", action="store_true",
+                   help="keep glibc's default malloc (4 KiB pages) instead of restarting with huge pages "
+                        "(gradcamo_jax.runtime); both runtimes in this process get the same setting")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats = max(5, min(args.repeats, 5))
@@ -273,7 +277,8 @@ def main(argv=None) -> dict:
     variables = jax.device_get(calibrate_batch_stats(EfficientNet(dataclasses.replace(config, dtype="float32")), variables, jnp.asarray(calib)))
 
     print(f"gradcamo-jax benchmark: {args.variant}, batch {args.batch}, crop {args.channels}×{'×'.join(map(str, spatial))}, "
-          f"layer {args.layer}, {args.dtype}, backend {jax.default_backend()} ({jax.devices()[0].device_kind})", flush=True)
+          f"layer {args.layer}, {args.dtype}, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+          f"huge-page malloc {'on' if hugepages_active() else 'off'}", flush=True)
     results = {r.name: r for r in jax_benchmarks(args, model, variables, images, masks, targets)}
     if not args.skip_torch:
         results.update({r.name: r for r in torch_benchmarks(args, config, variables, images, masks, targets)})
@@ -287,6 +292,7 @@ def main(argv=None) -> dict:
             "jax": jax.__version__,
             "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind),
+            "hugepages": hugepages_active(),
         },
         "results": {k: dataclasses.asdict(v) for k, v in results.items()},
         **ratios(results),
@@ -307,4 +313,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    # Both runtimes, one process, one allocator setting: huge pages unless --no-hugepages.
+    if "--no-hugepages" not in sys.argv:
+        from gradcamo_jax.runtime import reexec_with_hugepages
+
+        reexec_with_hugepages()
     main()

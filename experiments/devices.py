@@ -120,4 +120,7 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from gradcamo_jax.runtime import reexec_with_hugepages
+
+    reexec_with_hugepages()
     main()

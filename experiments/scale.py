@@ -158,5 +158,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from gradcamo_jax.runtime import reexec_with_hugepages
+
+    reexec_with_hugepages()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     main()

@@ -193,5 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(COMMANDS[args.command][2](args) or 0)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `gradcamo` console script: `main` in a process started with huge-page malloc
+    (`gradcamo_jax.runtime`; ``GRADCAMO_HUGEPAGES=0`` opts out)."""
+    from gradcamo_jax.runtime import reexec_with_hugepages
+
+    reexec_with_hugepages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
