@@ -224,3 +224,24 @@ def test_bad_shapes_name_expected_and_actual(x_shape, w_shape, strides, depthwis
     x, w = jnp.zeros(x_shape), jnp.zeros(w_shape)
     with pytest.raises(ValueError, match=match):
         ours(x, w, strides, depthwise)
+
+
+def test_blocked_depthwise_kernel_gradient_covers_every_row(monkeypatch):
+    """The depthwise kernel gradient's variadic reduction over several blocks (the last
+    mostly padding) against XLA's native convolution, strided and not."""
+    monkeypatch.setattr(convlib, "_WGRAD_WHOLE_MAX_BYTES", -1)
+    monkeypatch.setattr(convlib, "_BLOCK_BYTES", 16 * 1024)  # several blocks at a test-sized input
+    jax.clear_caches()
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(1, 3, 67, 45, 24)), jnp.float32)
+    for k, strides in [(3, (1, 2, 2)), (5, (1, 1, 1))]:
+        w = jnp.asarray(rng.normal(size=(k, k, k, 1, 24)) * 0.1, jnp.float32)
+        out = tuple(-(-n // s) for n, s in zip(x.shape[1:4], strides))
+        plan = convlib._plan_blocks(out, 24 * 4)
+        assert plan.count > 1 and (plan.count * plan.rows) % out[plan.axis] != 0, plan
+        ct = jnp.asarray(rng.normal(size=(1, *out, 24)), jnp.float32)
+        _, vjp = jax.vjp(lambda b: ours(x, b, strides, True), w)
+        _, vjp_ref = jax.vjp(lambda b: reference(x, b, strides, True), w)
+        (got,), (want,) = vjp(ct), vjp_ref(ct)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    jax.clear_caches()
