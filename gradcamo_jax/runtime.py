@@ -59,6 +59,13 @@ def reexec_with_hugepages(argv: Sequence[str] | None = None) -> None:
     if os.environ.get(OPT_OUT, "1") == "0" or hugepages_active() or not _supported():
         return
     args = list(sys.argv if argv is None else argv)
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if argv is None and main_spec is not None and main_spec.name:
+        # Started as `python -m pkg.mod`: restart the same way. Running the module's file as
+        # a script would put its folder first on sys.path, where gradcamo_jax/profile.py
+        # would shadow the standard library's `profile`.
+        name = main_spec.name.removesuffix(".__main__")
+        args = ["-m", name, *args[1:]]
     env = hugepage_environ()
     # Guard against a loop if the variable is somehow dropped on the way.
     env[OPT_OUT] = "0"

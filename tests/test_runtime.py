@@ -63,3 +63,23 @@ def test_restart_sets_the_tunable_keeps_arguments_and_cuts_page_faults(tmp_path)
     # 64 MB in 4 KiB pages is 16384 faults; in 2 MiB pages a few dozen.
     assert plain["faults"] > 8000, plain
     assert huge["faults"] < plain["faults"] / 10, (plain, huge)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc tunables are Linux/glibc only")
+def test_restart_of_a_module_run_stays_a_module_run(tmp_path):
+    """`python -m pkg.mod` restarts as `-m pkg.mod` (not as the file, whose folder would then
+    lead sys.path and let gradcamo_jax/profile.py shadow the standard library)."""
+    pkg = tmp_path / "probepkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text(
+        "import json, os, sys\nfrom gradcamo_jax.runtime import reexec_with_hugepages\nreexec_with_hugepages()\n"
+        "print(json.dumps({'tunables': os.environ.get('GLIBC_TUNABLES', ''), 'argv': sys.argv[1:], 'path0': sys.path[0]}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT)}
+    out = subprocess.run([sys.executable, "-m", "probepkg.mod", "--a", "1"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["tunables"] == "glibc.malloc.hugetlb=1" and got["argv"] == ["--a", "1"]
+    assert Path(got["path0"]).resolve() == tmp_path.resolve()
