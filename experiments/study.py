@@ -163,20 +163,22 @@ def _maps_fn(model, layer: str, methods: tuple[str, ...]):
     (layer, method) as separate `explain` calls would be. The steps are `explain`'s own:
     `layer_gradient`, `cam_from_gradients`, `upsample`, `gradcamo.scores`."""
     import jax
+    import jax.numpy as jnp
 
     from gradcamo_jax.cam import cam_from_gradients, layer_gradient, upsample
     from gradcamo_jax.gradcamo import scores
 
-    def one(variables, x, mask):
-        _, target, _, _, a, g = layer_gradient(model, variables, x, -1, layer)
+    def batch(variables, x, mask):
+        _, target, _, _, a, g = layer_gradient(model, variables, x, jnp.full(x.shape[:1], -1, jnp.int32), layer)
         out = {"predicted": target}
         for m in methods:
-            r = scores(upsample(cam_from_gradients(a[0], g[0], m), x.shape[:-1])[None], mask[None])
-            out[m] = {"gradcamo": r.cell[0], "neighbors": r.neighbors[0], "background": r.background[0],
-                      "chance": r.chance[0]}
+            cam = jax.vmap(lambda a1, g1, m=m: upsample(cam_from_gradients(a1, g1, m), x.shape[1:-1]))(a, g)
+            r = scores(cam, mask)
+            out[m] = {"gradcamo": r.cell, "neighbors": r.neighbors, "background": r.background,
+                      "chance": r.chance}
         return out
 
-    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+    return jax.jit(batch)
 
 
 def score_cells(model, variables, images, masks, *, layer: str, methods: tuple[str, ...],

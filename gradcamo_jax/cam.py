@@ -1,6 +1,8 @@
 """Grad-CAM family and the one-pass `explain`: logits, features, CAMs and Grad-CAMO.
 
-Everything is written for one crop and batched with `jax.vmap`, `jax.jit`
+The network runs on the whole batch (one forward to the layer, one vjp of the rest
+with a one-hot cotangent per cell; see `layer_gradient`); the maps, their upsampling
+and the scores are written for one crop and batched with `jax.vmap`, `jax.jit`
 outermost. For a crop ``x`` ``(*S, C)`` and a named layer with activation
 ``A`` ``(*s, K)``::
 
@@ -125,39 +127,45 @@ class Explanation:
     cam: jax.Array | None
 
 
-def layer_gradient(model, variables, x, target, layer: str):
-    """The pieces every CAM of one crop is built from, with one forward and one vjp.
+def layer_gradient(model, variables, images, targets, layer: str):
+    """The pieces every CAM of a batch is built from, with one batched forward and one vjp.
 
-    x ``(*S, C)``; target scalar class index, -1 = the predicted class. Returns
-    ``(logits (K,), target, features, later, a, g)``: ``features``/``later`` the named
-    activations before/after `layer` (each with a leading axis of 1), ``a`` the activation at
-    `layer` and ``g = ∂ logit_target / ∂ a`` (both ``(1, *s, K_layer)``). Only the network
-    after `layer` is differentiated.
+    images ``(N, *S, C)``; targets ``(N,)`` class indices, -1 = the predicted class. Returns
+    ``(logits (N, K), targets (N,), features, later, a, g)``: ``features``/``later`` the named
+    activations before/after `layer` (``{name: (N, *s', K')}``), ``a`` the activation at
+    `layer` and ``g`` ``(N, *s, K_layer)`` with ``g[i] = ∂ logit_i[targets[i]] / ∂ a[i]``.
+    Only the network after `layer` is differentiated.
+
+    One vjp of the whole batch with the cotangent ``onehot(targets)`` gives every cell its own
+    gradient because, with BatchNorm in inference mode, no cell's logits depend on another
+    cell's activation: ``∂ Σ_j logit_j[t_j] / ∂ a_i = ∂ logit_i[t_i] / ∂ a_i``. That equals
+    ``vmap`` of the per-crop gradient (tests/test_cam.py checks single-crop calls against
+    batches in any order) and runs the trunk on the batch, as the plain forward does: under
+    vmap the convolutions saw batch-1 shapes and B0's explain took 1.3× its forward.
     """
-    feats = model.apply(variables, x[None], upto=layer, method="features")
+    feats = model.apply(variables, images, upto=layer, method="features")
     a = feats[layer]
     logits, vjp, later = jax.vjp(lambda act: model.apply(variables, act, layer, method="forward_from"), a,
                                  has_aux=True)
-    logits = logits[0]
-    target = jnp.where(target < 0, jnp.argmax(logits), target).astype(jnp.int32)
-    (g,) = vjp(jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)[None])
-    return logits, target, feats, later, a, g
+    targets = jnp.where(targets < 0, jnp.argmax(logits, axis=-1), targets).astype(jnp.int32)
+    (g,) = vjp(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
+    return logits, targets, feats, later, a, g
 
 
-def _explain_one(model, variables, x, mask, target, *, layer, method, feature_layers, return_cam, resize):
-    """One crop ``x`` ``(*S, C)``, mask ``(*S,)`` or None, target scalar (-1 = predicted)."""
-    logits, target, feats, later, a, g = layer_gradient(model, variables, x, target, layer)
-    cam = cam_from_gradients(a[0], g[0], method)
+def _explain_batch(model, variables, images, masks, targets, *, layer, method, feature_layers, return_cam, resize):
+    """Crops ``(N, *S, C)``, masks ``(N, *S)`` or None, targets ``(N,)`` (-1 = predicted)."""
+    logits, targets, feats, later, a, g = layer_gradient(model, variables, images, targets, layer)
+    spatial = images.shape[1:-1]
+    cam = jax.vmap(lambda a1, g1: cam_from_gradients(a1, g1, method))(a, g)
     if resize:
-        cam = upsample(cam, x.shape[:-1])
+        cam = jax.vmap(lambda c: upsample(c, spatial))(cam)
     all_feats = {**feats, **later}
     pooled = {
-        name: jnp.mean(all_feats[name][0].astype(logits.dtype), axis=tuple(range(x.ndim - 1)))
+        name: jnp.mean(all_feats[name].astype(logits.dtype), axis=tuple(range(1, images.ndim - 1)))
         for name in feature_layers
     }
-    result = scores(cam[None], mask[None]) if mask is not None else None
-    result = jax.tree.map(lambda v: v[0], result)
-    return Explanation(logits=logits, targets=target, features=pooled, scores=result, cam=cam if return_cam else None)
+    result = scores(cam, masks) if masks is not None else None
+    return Explanation(logits=logits, targets=targets, features=pooled, scores=result, cam=cam if return_cam else None)
 
 
 def soft_gradcamo(model: EfficientNet, variables, images: jax.Array, masks: jax.Array, targets: jax.Array, *,
@@ -174,15 +182,13 @@ def soft_gradcamo(model: EfficientNet, variables, images: jax.Array, masks: jax.
     """
     method_fn = get_method(method)
 
-    def one(x, mask, target):
-        _, _, _, _, a, g = layer_gradient(model, variables, x, target, layer)
-        cam = upsample(cam_from_gradients(a[0], g[0], method_fn), x.shape[:-1])
-        r = scores(cam[None], mask[None])
-        # The NaN of an undefined score sits in the branch `where` does not select, so no NaN
-        # reaches the gradient.
-        return jnp.where(r.cam_zero[0], 0.0, r.cell[0])
-
-    return jax.vmap(one)(images, masks, targets)
+    _, _, _, _, a, g = layer_gradient(model, variables, images, targets, layer)
+    spatial = images.shape[1:-1]
+    cam = jax.vmap(lambda a1, g1: upsample(cam_from_gradients(a1, g1, method_fn), spatial))(a, g)
+    r = scores(cam, masks)
+    # The NaN of an undefined score sits in the branch `where` does not select, so no NaN
+    # reaches the gradient.
+    return jnp.where(r.cam_zero, 0.0, r.cell)
 
 
 @functools.lru_cache(maxsize=64)
@@ -196,15 +202,15 @@ def make_explain_fn(
     resize: bool = True,
 ) -> Callable:
     """Jitted ``fn(variables, images, masks, targets) -> Explanation`` (masks may be None if
-    ``with_masks=False``). Batched with vmap over the leading cell axis. Cached per setting,
+    ``with_masks=False``). The network runs on the batch, the maps per cell (vmap). Cached per setting,
     so repeated calls compile once per input shape. Works on sharded inputs: each cell is
     independent, so XLA partitions the batch axis across the mesh without communication."""
     layer_index(layer)
     for name in feature_layers:
         layer_index(name)
     method_fn = get_method(method)
-    one = functools.partial(
-        _explain_one,
+    fn = functools.partial(
+        _explain_batch,
         model,
         layer=layer,
         method=method_fn,
@@ -214,8 +220,7 @@ def make_explain_fn(
     )
 
     def batched(variables, images, masks, targets):
-        in_axes = (None, 0, 0 if with_masks else None, 0)
-        return jax.vmap(one, in_axes=in_axes)(variables, images, masks, targets)
+        return fn(variables, images, masks if with_masks else None, targets)
 
     return jax.jit(batched)
 
