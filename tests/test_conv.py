@@ -187,20 +187,28 @@ def test_output_phases_match_dilated_lax_conv(monkeypatch, x64):
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10, err_msg=str((n, k, strides, pads)))
 
 
-def test_blocked_loops_cover_every_row():
+@pytest.mark.parametrize("dense_budget", ["default", "small"])
+def test_blocked_loops_cover_every_row(dense_budget, monkeypatch):
     """Inputs large enough that the kernel gradient and im2col loop over several blocks,
-    with a last block that is mostly padding."""
+    with a last block that is mostly padding (the dense forward's larger blocks: whole
+    planes by default, padded row blocks with the small budget)."""
+    if dense_budget == "small":
+        monkeypatch.setattr(convlib, "_DENSE_BLOCK_BYTES", convlib._BLOCK_BYTES)
+    jax.clear_caches()
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(1, 3, 67, 45, 24)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 24, 8)) * 0.1, jnp.float32)
     plan = convlib._plan_blocks((3, 34, 23), 27 * 24 * 4)
-    assert plan.count > 1
+    assert plan.count > 1 and (plan.count * plan.rows) % 34 != 0, plan
+    fwd_plan = convlib._plan_blocks((3, 34, 23), 27 * 24 * 4, convlib._DENSE_BLOCK_BYTES)
+    assert fwd_plan.count > 1, fwd_plan
     ct = jnp.asarray(rng.normal(size=(1, 3, 34, 23, 8)), jnp.float32)
     y, vjp = jax.vjp(lambda a, b: ours(a, b, (1, 2, 2), False), x, w)
     y_ref, vjp_ref = jax.vjp(lambda a, b: reference(a, b, (1, 2, 2), False), x, w)
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
     for got, want in zip(vjp(ct), vjp_ref(ct)):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(jnp.abs(want).max()))
+    jax.clear_caches()
 
 
 def test_auto_picks_shifted_on_cpu_and_rejects_unknown():
