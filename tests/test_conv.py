@@ -45,6 +45,8 @@ CASES = [
     ((6, 9, 7), 5, (1, 2, 1), 2, 2),
     ((3, 5, 5), 1, (1, 2, 2), 4, 6),  # pointwise with stride
     ((3, 4, 5), 7, (1, 1, 1), 2, 3),  # kernel larger than an axis
+    ((2, 6, 5), 5, (1, 1, 1), 2, 3),  # dead z taps cut (B0's stage5 at 21 slices): 5 -> 3
+    ((1, 4, 6), 3, (1, 1, 1), 3, 2),  # one slice: only the central z taps live (stage7)
 ]
 
 
@@ -209,6 +211,16 @@ def test_blocked_loops_cover_every_row(dense_budget, monkeypatch):
     for got, want in zip(vjp(ct), vjp_ref(ct)):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(jnp.abs(want).max()))
     jax.clear_caches()
+
+
+def test_dead_taps_are_cut_only_on_stride_one_axes():
+    w = jnp.arange(5 * 5 * 5 * 2, dtype=jnp.float32).reshape(5, 5, 5, 1, 2)
+    assert convlib._live_taps(w, (2, 8, 8), (1, 1, 1)).shape == (3, 5, 5, 1, 2)
+    assert convlib._live_taps(w, (1, 4, 4), (1, 1, 1)).shape == (1, 5, 5, 1, 2)
+    assert convlib._live_taps(w, (1, 1, 9), (1, 1, 1)).shape == (1, 1, 5, 1, 2)
+    np.testing.assert_array_equal(convlib._live_taps(w, (1, 2, 9), (1, 1, 1)), w[2:3, 1:4])
+    assert convlib._live_taps(w, (2, 8, 8), (2, 1, 1)).shape == w.shape  # strided: not cut
+    assert convlib._live_taps(w, (3, 8, 8), (1, 1, 1)) is w
 
 
 def test_auto_picks_shifted_on_cpu_and_rejects_unknown():

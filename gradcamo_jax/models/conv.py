@@ -129,6 +129,7 @@ def conv(x: jax.Array, w: jax.Array, strides: Sequence[int], *, impl: Impl = "au
     _check_shapes(x, w, strides, depthwise=False)
     if resolved == "xla":
         return _xla_conv(x, w, strides, groups=1)
+    w = _live_taps(w, _spatial(x, len(strides)), strides)
     ksize = w.shape[: len(strides)]
     if math.prod(ksize) == 1:
         return _pointwise(x, w, strides)
@@ -154,8 +155,27 @@ def depthwise_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], *, impl: 
     _check_shapes(x, w, strides, depthwise=True)
     if resolved == "xla":
         return _xla_conv(x, w, strides, groups=x.shape[-1])
+    w = _live_taps(w, _spatial(x, len(strides)), strides)
     ksize = w.shape[: len(strides)]
     return _depthwise(x, w.reshape(*ksize, x.shape[-1]), strides, _same_pads(ksize))
+
+
+def _live_taps(w: jax.Array, n: Sequence[int], strides: tuple[int, ...]) -> jax.Array:
+    """``w (*K, ...)`` cut to the taps that can read a pixel: on a stride-1 axis of length
+    ``n`` with padding ``k // 2``, tap offsets ``|d| >= n`` read only zero padding for every
+    output. The cut is symmetric (odd kernels, same output size) and exact, also for the
+    kernel gradient (the dead taps' gradient is 0; slicing's transpose puts 0 there).
+    Why: deep 3D stages have few z-slices (B0 at 21 slices: z = 2 at stage5, 1 at stage6/7),
+    where a 5×5×5 kernel has 75 or 25 live taps of 125 and a 3×3×3 one 9 of 27."""
+    nd = len(strides)
+    cut = []
+    for length, k, s in zip(n, w.shape[:nd], strides):
+        r = k // 2
+        keep = min(r, length - 1) if s == 1 else r
+        cut.append(slice(r - keep, r + keep + 1))
+    if all(c.stop - c.start == k for c, k in zip(cut, w.shape[:nd])):
+        return w
+    return w[tuple(cut)]
 
 
 # ----------------------------------------------------------------------------- validation
