@@ -55,7 +55,8 @@ def depthwise_path(request, monkeypatch):
     """Which formulations the depthwise convolutions take (they pick by output size): every
     depthwise case runs with the fused tap sum (kernels of ≤ 27 taps; larger ones always
     loop) and its kernel gradient as one whole-array reduction, with the loop over the
-    first kernel axis and the blocked kernel gradient,
+    first kernel axis and the blocked kernel gradient (the loop applies to a VJP's forward
+    and to the backward's convolutions; an undifferentiated call of ≤ 27 taps always fuses),
     and with input gradients of strided convs split into output phases (the phases' own
     convolutions then pick by size). Caches are cleared so no trace of another path is reused."""
     limit = {"fused": -1, "loop": 2**62, "phases": convlib._LOOP_MAX_BYTES}[request.param]
@@ -102,7 +103,9 @@ def test_value_and_gradients_match_lax_conv_in_float64(case, depthwise, depthwis
 
     ct = jnp.asarray(np.random.default_rng(1).normal(size=y_ref.shape))
     _, vjp_ref = jax.vjp(lambda a, b: reference(a, b, strides, depthwise), x, w)
-    _, vjp = jax.vjp(lambda a, b: ours(a, b, strides, depthwise), x, w)
+    y_vjp, vjp = jax.vjp(lambda a, b: ours(a, b, strides, depthwise), x, w)
+    # Under a VJP small depthwise outputs take the loop; undifferentiated, the fused sum.
+    np.testing.assert_allclose(y_vjp, y_ref, rtol=1e-12, atol=1e-12)
     for got, want in zip(vjp(ct), vjp_ref(ct)):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
 
