@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, init, make_explain_fn  # noqa: E402
 from gradcamo_jax.gradcamo import scores as gradcamo_scores  # noqa: E402
-from gradcamo_jax.runtime import hugepages_active  # noqa: E402
+from gradcamo_jax.runtime import hugepages_active, peak_rss_mb  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -57,10 +56,6 @@ class Result:
     median_s: float
     peak_rss_mb: float
     note: str = ""
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def measure(name: str, fn, batch: int, repeats: int, note: str = "") -> Result:

@@ -83,3 +83,17 @@ def test_restart_of_a_module_run_stays_a_module_run(tmp_path):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["tunables"] == "glibc.malloc.hugetlb=1" and got["argv"] == ["--a", "1"]
     assert Path(got["path0"]).resolve() == tmp_path.resolve()
+
+
+def test_peak_rss_is_this_program_s_own_not_the_parent_s():
+    """A child started by a parent holding ~400 MB more than it needs reports its own peak,
+    not the parent's (ru_maxrss survives exec on Linux)."""
+    from gradcamo_jax.runtime import peak_rss_mb
+
+    code = "from gradcamo_jax.runtime import peak_rss_mb; print(peak_rss_mb())"
+    ballast = bytearray(400 * 2**20)
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert peak_rss_mb() > 400
+    assert 1 < child < 300, child
+    del ballast
