@@ -161,19 +161,17 @@ def _maps_fn(model, layer: str, methods: tuple[str, ...]):
     """Jitted per-batch scores of every method at one layer: the activation and its gradient
     are method-independent, so the trunk is traced (and compiled) once per layer, not once per
     (layer, method) as separate `explain` calls would be. The steps are `explain`'s own:
-    `layer_gradient`, `cam_from_gradients`, `upsample`, `gradcamo.scores`."""
+    `layer_gradient`, `batch_cams`, `gradcamo.scores`."""
     import jax
-    import jax.numpy as jnp
 
-    from gradcamo_jax.cam import cam_from_gradients, layer_gradient, upsample
+    from gradcamo_jax.cam import batch_cams, layer_gradient
     from gradcamo_jax.gradcamo import scores
 
     def batch(variables, x, mask):
-        _, target, _, _, a, g = layer_gradient(model, variables, x, jnp.full(x.shape[:1], -1, jnp.int32), layer)
+        _, target, _, _, a, g = layer_gradient(model, variables, x, None, layer)
         out = {"predicted": target}
         for m in methods:
-            cam = jax.vmap(lambda a1, g1, m=m: upsample(cam_from_gradients(a1, g1, m), x.shape[1:-1]))(a, g)
-            r = scores(cam, mask)
+            r = scores(batch_cams(a, g, m, x.shape[1:-1]), mask)
             out[m] = {"gradcamo": r.cell, "neighbors": r.neighbors, "background": r.background,
                       "chance": r.chance}
         return out

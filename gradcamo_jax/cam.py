@@ -107,6 +107,19 @@ def upsample(cam: jax.Array, shape: Sequence[int]) -> jax.Array:
     return jax.image.resize(cam, shape, method="linear", antialias=False)
 
 
+def batch_cams(a: jax.Array, g: jax.Array, method: str | CamWeights = "gradcam",
+               shape: Sequence[int] | None = None) -> jax.Array:
+    """`cam_from_gradients` of every cell, vmapped: ``a``, ``g`` ``(N, *s, K)`` → maps
+    ``(N, *s)``, or ``(N, *shape)`` upsampled when `shape` is given."""
+    method_fn = get_method(method)
+
+    def one(a1, g1):
+        cam = cam_from_gradients(a1, g1, method_fn)
+        return cam if shape is None else upsample(cam, shape)
+
+    return jax.vmap(one)(a, g)
+
+
 @struct.dataclass
 class Explanation:
     """Output of `explain` / `grad_cam` for N crops.
@@ -130,7 +143,8 @@ class Explanation:
 def layer_gradient(model, variables, images, targets, layer: str):
     """The pieces every CAM of a batch is built from, with one batched forward and one vjp.
 
-    images ``(N, *S, C)``; targets ``(N,)`` class indices, -1 = the predicted class. Returns
+    images ``(N, *S, C)``; targets ``(N,)`` class indices, -1 (or None for all) = the
+    predicted class. Returns
     ``(logits (N, K), targets (N,), features, later, a, g)``: ``features``/``later`` the named
     activations before/after `layer` (``{name: (N, *s', K')}``), ``a`` the activation at
     `layer` and ``g`` ``(N, *s, K_layer)`` with ``g[i] = ∂ logit_i[targets[i]] / ∂ a[i]``.
@@ -147,7 +161,8 @@ def layer_gradient(model, variables, images, targets, layer: str):
     a = feats[layer]
     logits, vjp, later = jax.vjp(lambda act: model.apply(variables, act, layer, method="forward_from"), a,
                                  has_aux=True)
-    targets = jnp.where(targets < 0, jnp.argmax(logits, axis=-1), targets).astype(jnp.int32)
+    predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    targets = predicted if targets is None else jnp.where(targets < 0, predicted, targets).astype(jnp.int32)
     (g,) = vjp(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
     return logits, targets, feats, later, a, g
 
@@ -155,10 +170,7 @@ def layer_gradient(model, variables, images, targets, layer: str):
 def _explain_batch(model, variables, images, masks, targets, *, layer, method, feature_layers, return_cam, resize):
     """Crops ``(N, *S, C)``, masks ``(N, *S)`` or None, targets ``(N,)`` (-1 = predicted)."""
     logits, targets, feats, later, a, g = layer_gradient(model, variables, images, targets, layer)
-    spatial = images.shape[1:-1]
-    cam = jax.vmap(lambda a1, g1: cam_from_gradients(a1, g1, method))(a, g)
-    if resize:
-        cam = jax.vmap(lambda c: upsample(c, spatial))(cam)
+    cam = batch_cams(a, g, method, images.shape[1:-1] if resize else None)
     all_feats = {**feats, **later}
     pooled = {
         name: jnp.mean(all_feats[name].astype(logits.dtype), axis=tuple(range(1, images.ndim - 1)))
@@ -180,12 +192,8 @@ def soft_gradcamo(model: EfficientNet, variables, images: jax.Array, masks: jax.
     Where a map sums to 0 the score is 0 (not NaN, which would poison the loss), so the
     penalty ``1 - score`` is at its maximum there; its gradient is then 0 through the ReLU.
     """
-    method_fn = get_method(method)
-
     _, _, _, _, a, g = layer_gradient(model, variables, images, targets, layer)
-    spatial = images.shape[1:-1]
-    cam = jax.vmap(lambda a1, g1: upsample(cam_from_gradients(a1, g1, method_fn), spatial))(a, g)
-    r = scores(cam, masks)
+    r = scores(batch_cams(a, g, method, images.shape[1:-1]), masks)
     # The NaN of an undefined score sits in the branch `where` does not select, so no NaN
     # reaches the gradient.
     return jnp.where(r.cam_zero, 0.0, r.cell)
@@ -339,6 +347,7 @@ __all__ = [
     "Explanation",
     "GradCAMOResult",
     "STAGE_NAMES",
+    "batch_cams",
     "cam_from_gradients",
     "explain",
     "grad_cam",

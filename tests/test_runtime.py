@@ -85,6 +85,7 @@ def test_restart_of_a_module_run_stays_a_module_run(tmp_path):
     assert Path(got["path0"]).resolve() == tmp_path.resolve()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="VmHWM and ru_maxrss surviving exec are Linux behaviour")
 def test_peak_rss_is_this_program_s_own_not_the_parent_s():
     """A child started by a parent holding ~400 MB more than it needs reports its own peak,
     not the parent's (ru_maxrss survives exec on Linux)."""
