@@ -52,3 +52,24 @@ def test_summary_separates_a_cell_model_from_shortcuts_by_construction():
     assert m["mean_gradcamo"]["n"] == 3
     assert m["frac_above_half"]["mean"] == 0.0
     assert out["modes"]["cell"]["frac_above_half"]["mean"] == 1.0
+
+
+def test_profile_stages_names_the_ops_that_take_the_time():
+    """`top_ops` ranks the thunks of a jitted function by traced time and `op_sources` maps
+    them back to the JAX ops they came from: a 512² matmul next to a 4-element multiply is first."""
+    import jax
+    import jax.numpy as jnp
+
+    import profile_stages
+
+    def f(a, b):
+        return jnp.dot(a, a), b * 2.0
+
+    a, b = jnp.ones((512, 512), jnp.float32), jnp.ones((4,), jnp.float32)
+    jitted = jax.jit(f)
+    jax.block_until_ready(jitted(a, b))
+    sources = profile_stages.op_sources(jitted.lower(a, b).compile().as_text())
+    assert any("dot_general" in s for s in sources.values())
+    ops = profile_stages.top_ops(lambda: jax.block_until_ready(jitted(a, b)), 3, calls=3, sources=sources)
+    assert ops and all(o["ms_per_call"] >= 0 and o["count_per_call"] > 0 for o in ops)
+    assert "dot_general" in ops[0]["source"], ops
