@@ -111,10 +111,8 @@ def batch_cams(a: jax.Array, g: jax.Array, method: str | CamWeights = "gradcam",
                shape: Sequence[int] | None = None) -> jax.Array:
     """`cam_from_gradients` of every cell, vmapped: ``a``, ``g`` ``(N, *s, K)`` → maps
     ``(N, *s)``, or ``(N, *shape)`` upsampled when `shape` is given."""
-    method_fn = get_method(method)
-
     def one(a1, g1):
-        cam = cam_from_gradients(a1, g1, method_fn)
+        cam = cam_from_gradients(a1, g1, method)
         return cam if shape is None else upsample(cam, shape)
 
     return jax.vmap(one)(a, g)

@@ -73,3 +73,4 @@ def test_profile_stages_names_the_ops_that_take_the_time():
     ops = profile_stages.top_ops(lambda: jax.block_until_ready(jitted(a, b)), 3, calls=3, sources=sources)
     assert ops and all(o["ms_per_call"] >= 0 and o["count_per_call"] > 0 for o in ops)
     assert "dot_general" in ops[0]["source"], ops
+    assert ops[0]["count_per_call"] == 1, ops  # one matmul thunk per call, counted over 3 calls

@@ -278,13 +278,17 @@ def _taps(ksize: Sequence[int]) -> list[tuple[int, ...]]:
     return list(itertools.product(*(range(k) for k in ksize)))
 
 
-def _tap_view(xp: jax.Array, tap: Sequence[int], out: Sequence[int], strides: Sequence[int]) -> jax.Array:
+def _tap_view(
+    xp: jax.Array, tap: Sequence[int], out: Sequence[int], strides: Sequence[int], channels: int | None = None
+) -> jax.Array:
     """The view of padded ``xp (..., *L, C)`` that kernel tap `tap` multiplies:
-    ``xp[..., t0::s0, t1::s1, ..., :]`` cut to `out` positions per spatial axis."""
+    ``xp[..., t0::s0, t1::s1, ..., :channels]`` cut to `out` positions per spatial axis
+    (all C channels unless `channels` is given)."""
     nd = len(tap)
     lead = xp.ndim - 1 - nd
     start = (0,) * lead + tuple(tap) + (0,)
-    limit = xp.shape[:lead] + tuple(t + (o - 1) * s + 1 for t, o, s in zip(tap, out, strides)) + xp.shape[-1:]
+    limit = xp.shape[:lead] + tuple(t + (o - 1) * s + 1 for t, o, s in zip(tap, out, strides))
+    limit += (xp.shape[-1] if channels is None else channels,)
     return lax.slice(xp, start, limit, (1,) * lead + tuple(strides) + (1,))
 
 
@@ -305,17 +309,18 @@ def _im2col(xp: jax.Array, ksize: Sequence[int], strides: Sequence[int], out: Se
         need = s * (o + groups - 1)  # >= (o - 1) * s + k: every tap's reach
         ax = xp.ndim - 2
         have = xp.shape[ax]
-        xp = lax.slice_in_dim(xp, 0, need, axis=ax) if have >= need else _pad_spatial(xp, ((0, 0, 0),) * (nd - 1) + ((0, need - have, 0),))
+        if have >= need:
+            xp = lax.slice_in_dim(xp, 0, need, axis=ax)
+        else:
+            xp = _pad_spatial(xp, ((0, 0, 0),) * (nd - 1) + ((0, need - have, 0),))
         c = xp.shape[-1]
         xq = xp.reshape(*xp.shape[:ax], need // s, s * c)
-        lead = xq.ndim - 1 - nd
-        views = []
-        for t in _taps(ksize[:-1]):
-            for q in range(groups):
-                width = min(s, k - q * s) * c
-                start = (0,) * lead + tuple(t) + (q, 0)
-                limit = xq.shape[:lead] + tuple(ti + (oi - 1) * si + 1 for ti, oi, si in zip(t, out, strides)) + (q + o, width)
-                views.append(lax.slice(xq, start, limit, (1,) * lead + tuple(strides[:-1]) + (1, 1)))
+        # Group q covers taps q*s … q*s + s - 1; the last may hold fewer than s.
+        views = [
+            _tap_view(xq, (*t, q), out, (*strides[:-1], 1), channels=min(s, k - q * s) * c)
+            for t in _taps(ksize[:-1])
+            for q in range(groups)
+        ]
     # Concatenated as (positions, channels) matrices: XLA:CPU fused the stem's im2col ~40% slower
     # when the pieces kept unit axes (1, 64, 64, 5) than as (64, 64, 5) or (4096, 5).
     shape = views[0].shape[:-1]
