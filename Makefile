@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/gradcamo demo --out demo_out
 
 benchmark: $(STAMP)
-	$(PY) experiments/benchmark.py --quick
+	$(PY) -m experiments.benchmark --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache

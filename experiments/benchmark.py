@@ -1,7 +1,7 @@
 """Throughput of gradcamo-jax against its PyTorch peers, measured in one process run.
 
 Same architecture (EfficientNet, our default per-axis strides), same input, same
-weights (copied into the PyTorch twin, `experiments/torch_twin.py`):
+weights (copied into the PyTorch twin, `gradcamo_jax.peers.torch_twin`):
 
   jax_forward        jitted logits
   jax_explain        one jitted pass: logits + pooled features + Grad-CAM + Grad-CAMO
@@ -20,8 +20,8 @@ after it (a high-water mark: it only grows). Prints a table and writes
 ``forward_vs_pytorch``, ``explain_vs_pytorch_grad_cam``, ``explain_vs_hook_gradcam``,
 ``explain_vs_monai``, ``train_vs_pytorch``, and ``explain_vs_forward`` (time ratio).
 
-    python experiments/benchmark.py --quick           # < 5 min on 2 CPU cores
-    python experiments/benchmark.py --batch 32 --repeats 10 --dtype bfloat16   # on a GPU
+    python -m experiments.benchmark --quick           # < 5 min on 2 CPU cores
+    python -m experiments.benchmark --batch 32 --repeats 10 --dtype bfloat16   # on a GPU
 """
 
 from __future__ import annotations
@@ -41,11 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, init, make_explain_fn  # noqa: E402
-from gradcamo_jax.gradcamo import scores as gradcamo_scores  # noqa: E402
-from gradcamo_jax.runtime import hugepages_active, peak_rss_mb  # noqa: E402
+from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, init, make_explain_fn
+from gradcamo_jax.metric import scores as gradcamo_scores
+from gradcamo_jax.runtime import hugepages_active, peak_rss_mb
 
 
 @dataclasses.dataclass
@@ -140,7 +138,7 @@ def jax_benchmarks(args, model, variables, images, masks, targets) -> list[Resul
 def torch_benchmarks(args, config, variables, images, masks, targets) -> list[Result]:
     import torch
 
-    from torch_twin import TorchEfficientNet, import_torchvision_safely, load_flax_variables
+    from gradcamo_jax.peers.torch_twin import TorchEfficientNet, import_torchvision_safely, load_flax_variables
 
     torch.set_num_threads(os.cpu_count() or 1)
     out = []

@@ -13,8 +13,8 @@ within that one model is reported too. The same architecture with untrained rand
 ("untrained", BatchNorm calibrated) is scored on the cell plate as a model-randomisation
 baseline: what Grad-CAMO reaches from image structure alone.
 
-    python experiments/confounders.py --quick            # ≈ 12 min on 2 CPU cores
-    python experiments/confounders.py --out DIR          # full: more steps, bigger plates, 5 seeds
+    python -m experiments.confounders --quick            # ≈ 12 min on 2 CPU cores
+    python -m experiments.confounders --out DIR          # full: more steps, bigger plates, 5 seeds
 
 Writes ``OUT/confounders.json``, ``OUT/confounders.png`` and ``OUT/cells.parquet`` (every
 test cell × layer × method); work files under ``OUT/work/`` (cached, resumable).
@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import study  # noqa: E402
+from experiments import study
 
 MODES: dict[str, dict[str, float]] = {
     "cell": {"cell": 2.0},
@@ -280,7 +279,7 @@ def main(argv=None) -> dict:
     summary["setup"] = {"config": dataclasses.asdict(config), "modes": {m: MODES[m] for m in config.modes},
                         "backend": jax.default_backend(), "devices": jax.device_count(),
                         "wall_s": round(time.perf_counter() - t0, 1),
-                        "command": "python experiments/confounders.py " + " ".join(argv or sys.argv[1:])}
+                        "command": "python -m experiments.confounders " + " ".join(argv or sys.argv[1:])}
     cells.to_parquet(out / "confounders_cells.parquet", index=False)
     (out / "confounders.json").write_text(json.dumps(summary, indent=1, default=float))
     plot(summary, out / "confounders.png", config)

@@ -10,8 +10,8 @@ For each: forward, forward + backward to (x, w) (``jax.grad`` of ``<y, ct>`` for
 random ``ct``), and forward + backward to w only (training: the input needs no gradient).
 Median of `--repeats` jitted calls after one warm-up call, `block_until_ready`.
 
-    python experiments/conv_timing.py                     # everything (xla depthwise: minutes)
-    python experiments/conv_timing.py --impls shifted --cases dw3,stem
+    python -m experiments.conv_timing                     # everything (xla depthwise: minutes)
+    python -m experiments.conv_timing --impls shifted --cases dw3,stem
 """
 
 from __future__ import annotations

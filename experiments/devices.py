@@ -12,8 +12,8 @@ the same cores, so this measures the cost of partitioning and collectives, not a
 the N-device step should take about as long as the 1-device step. On a GPU/TPU host, pass
 ``--real`` to use the real devices (counts up to ``jax.device_count()``).
 
-    python experiments/devices.py                     # 1 and 8 fake CPU devices, tiny model
-    python experiments/devices.py --counts 1 2 4 8 --variant b0 --crop 21 128 128 --batch 16
+    python -m experiments.devices                     # 1 and 8 fake CPU devices, tiny model
+    python -m experiments.devices --counts 1 2 4 8 --variant b0 --crop 21 128 128 --batch 16
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ documented columns (``Metadata_GradCAMO``, ``_Neighbors``, ``_Background``, ``_C
 ``Metadata_Dose``, ``Metadata_Site`` and feature columns), e.g. profiles of a user's own
 plates scored elsewhere.
 
-    python experiments/paper_figures.py --profiles PROFILES_DIR --out FIGS [--data DATASET_DIR]
-    python experiments/paper_figures.py --table profiles.parquet --out FIGS --control-query "Metadata_Treatment == 'DMSO'"
+    python -m experiments.paper_figures --profiles PROFILES_DIR --out FIGS [--data DATASET_DIR]
+    python -m experiments.paper_figures --table profiles.parquet --out FIGS --control-query "Metadata_Treatment == 'DMSO'"
 """
 
 from __future__ import annotations

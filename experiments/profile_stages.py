@@ -13,8 +13,8 @@ prefix differences include XLA's fusions across stage boundaries, the stage alon
 `jax.profiler` trace of the stage alone (ms per call; the profiler inflates the total, the
 shares are what to read), which is where a stage's gap to its FLOP or bandwidth floor shows.
 
-    python experiments/profile_stages.py                  # ≈ 1 min on 2 CPU cores
-    python experiments/profile_stages.py --ops 8 --out experiments/results/profile_stages.json
+    python -m experiments.profile_stages                  # ≈ 1 min on 2 CPU cores
+    python -m experiments.profile_stages --ops 8 --out experiments/results/profile_stages.json
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ one in the background between them, the shortcut), once per λ, and evaluated on
 Step time is measured against λ = 0 (the penalty is a gradient through a CAM, i.e. a
 second-order pass through the network below the CAM layer).
 
-    python experiments/regularizer.py --quick        # λ = 0; 1, 4 at stage2; 4 at the stem; 2 seeds (CPU)
-    python experiments/regularizer.py                # 5 λ at stage2, 2 at the stem, 3 seeds, 600 steps (GPU)
+    python -m experiments.regularizer --quick        # λ = 0; 1, 4 at stage2; 4 at the stem; 2 seeds (CPU)
+    python -m experiments.regularizer                # 5 λ at stage2, 2 at the stem, 3 seeds, 600 steps (GPU)
 
 Writes ``OUT/regularizer.json`` and ``OUT/regularizer.png``; work files (cached,
 resumable) under ``--work`` (default ``OUT/work``, which `confounders.py` may share).
@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import study  # noqa: E402
+from experiments import study
 
 MIXTURE = {"cell": 1.0, "background": 1.5}
 CLEAN = {"cell": 1.0}
@@ -171,7 +170,7 @@ def main(argv=None) -> dict:
 
     summary["setup"] = {"config": dataclasses.asdict(config), "mixture": MIXTURE, "clean": CLEAN,
                         "backend": jax.default_backend(), "wall_s": round(time.perf_counter() - t0, 1),
-                        "command": "python experiments/regularizer.py " + " ".join(argv or sys.argv[1:])}
+                        "command": "python -m experiments.regularizer " + " ".join(argv or sys.argv[1:])}
     (out / "regularizer.json").write_text(json.dumps(summary, indent=1, default=float))
     plot(summary, out / "regularizer.png", config.layers[0])
     print(f"\nλ sweep on the mixture plate ({config.method}), mean ± sd over {len(config.seeds)} seeds; "

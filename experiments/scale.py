@@ -3,14 +3,14 @@
 Two measurements, each in fresh subprocesses (peak RSS is a high-water mark, so each
 size gets its own process):
 
-  scoring   `gradcamo_jax.profile.score_dataset` over crop stores of N = 1k, 10k (and
+  scoring   `gradcamo_jax.scoring.score_dataset` over crop stores of N = 1k, 10k (and
             100k with --full) random cells of a small config: wall time, cells/s, peak RSS,
             and the crop store's own read throughput (the input pipeline) next to it.
   batch     `explain` cells/s against batch size (1 … 64) for the same config.
 
-    python experiments/scale.py                 # 1k and 10k cells, batch sweep; ~10 min on 2 cores
-    python experiments/scale.py --full          # adds 100k cells
-    python experiments/scale.py --crop 21 128 128 --variant b0 --sizes 1000   # paper geometry
+    python -m experiments.scale                 # 1k and 10k cells, batch sweep; ~10 min on 2 cores
+    python -m experiments.scale --full          # adds 100k cells
+    python -m experiments.scale --crop 21 128 128 --variant b0 --sizes 1000   # paper geometry
 
 Writes scale.json next to the printed table.
 """
@@ -63,7 +63,7 @@ def _model(variant: str, crop, channels):
 def child_score(args) -> dict:
     """Runs in a subprocess: score one store, report time and peak RSS."""
     from gradcamo_jax.data import formats
-    from gradcamo_jax.profile import ScoreConfig, score_dataset
+    from gradcamo_jax.scoring import ScoreConfig, score_dataset
     from gradcamo_jax.runtime import peak_rss_mb
 
     crop = tuple(args.crop)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradcamo_jax.config import DataConfig, ModelConfig, TrainConfig
+from gradcamo_jax.config import TrainConfig
+from gradcamo_jax.configs import smoke
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,22 +60,18 @@ class PlateSpec:
 
 
 def train_config(plate: PlateSpec, steps: int, seed: int, **overrides) -> TrainConfig:
-    """The study's model and optimiser: the tiny EfficientNet on the whole crop."""
-    cfg = TrainConfig(
-        model=ModelConfig("tiny", num_classes=plate.num_classes, stem_stride=(1, 2, 2), drop_path_rate=0.0,
-                          bn_momentum=0.9, dtype="float32"),
-        data=DataConfig(batch_size=16, eval_batch_size=64, crop_shape=None, downsample=(1, 1, 1),
-                        worker_count=0, read_threads=2, prefetch=4),
+    """The study's model and optimiser: the package's smoke recipe on the whole crop."""
+    base = smoke.get_config()
+    cfg = dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, num_classes=plate.num_classes),
+        data=dataclasses.replace(base.data, eval_batch_size=64, crop_shape=None, downsample=(1, 1, 1)),
         seed=seed,
         num_steps=steps,
-        learning_rate=3e-3,
         warmup_steps=min(20, steps // 5),
-        weight_decay=1e-4,
-        compute_dtype="float32",
         log_every=25,
         checkpoint_every=max(steps // 2, 1),
         keep_checkpoints=1,
-        async_checkpointing=False,
         progress_bar=False,
     )
     return dataclasses.replace(cfg, **overrides)
@@ -165,7 +162,7 @@ def _maps_fn(model, layer: str, methods: tuple[str, ...]):
     import jax
 
     from gradcamo_jax.cam import batch_cams, layer_gradient
-    from gradcamo_jax.gradcamo import scores
+    from gradcamo_jax.metric import scores
 
     def batch(variables, x, mask):
         _, target, _, _, a, g = layer_gradient(model, variables, x, None, layer)

@@ -12,7 +12,7 @@ Public API::
 
 from gradcamo_jax.cam import CAM_METHODS, Explanation, explain, grad_cam, make_explain_fn, upsample
 from gradcamo_jax.config import STAGE_NAMES, ModelConfig
-from gradcamo_jax.gradcamo import GradCAMOResult, gradcamo, summarize
+from gradcamo_jax.metric import GradCAMOResult, gradcamo, summarize
 from gradcamo_jax.models.efficientnet import EfficientNet, calibrate_batch_stats, init
 
 __version__ = "0.1.0"

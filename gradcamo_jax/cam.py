@@ -27,7 +27,7 @@ import numpy as np
 from flax import struct
 
 from gradcamo_jax.config import STAGE_NAMES
-from gradcamo_jax.gradcamo import GradCAMOResult, scores
+from gradcamo_jax.metric import GradCAMOResult, scores
 from gradcamo_jax.models.efficientnet import EfficientNet, check_images, layer_index
 
 CamWeights = Callable[[jax.Array, jax.Array], jax.Array]

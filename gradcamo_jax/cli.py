@@ -49,12 +49,12 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="cell dataset folder (cells.parquet + crops.zarr)")
-    p.add_argument("--workdir", required=True, help="checkpoints and logs; an existing run resumes")
+    p.add_argument("--data", help="cell dataset folder (cells.parquet + crops.zarr); required unless --print-config")
+    p.add_argument("--workdir", help="checkpoints and logs; an existing run resumes; required unless --print-config")
     p.add_argument(
         "--config",
         default="smoke",
-        help="preset name in experiments/configs/ (paper, smoke) or a .py file with get_config()",
+        help="a preset shipped with the package (paper, smoke) or a .py file with get_config()",
     )
     p.add_argument(
         "--set",
@@ -80,6 +80,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2))
         return 0
+    missing = [flag for flag, value in (("--data", args.data), ("--workdir", args.workdir)) if not value]
+    if missing:
+        raise SystemExit(f"gradcamo train: {' and '.join(missing)} required (or --print-config)")
     if config.data.worker_count > 0:
         import absl.flags
 
@@ -117,7 +120,7 @@ def _run_score(args: argparse.Namespace) -> int:
     import json
 
     from gradcamo_jax import EfficientNet
-    from gradcamo_jax.profile import ScoreConfig, score_dataset
+    from gradcamo_jax.scoring import ScoreConfig, score_dataset
     from gradcamo_jax.train import load_checkpoint
 
     step = args.step if args.step in ("best", "latest") else int(args.step)

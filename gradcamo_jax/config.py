@@ -489,21 +489,29 @@ def _matches(value, tp) -> bool:
 
 
 def load_preset(name_or_path: str, overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """A named training config with overrides applied.
+    """A training config with ``"dotted.field=value"`` overrides applied.
 
-    `name_or_path` is a Python file defining ``get_config() -> TrainConfig``, or the name of
-    one in the repository's ``experiments/configs/`` (e.g. "paper", "smoke", "synthetic").
+    `name_or_path` is the name of a preset shipped in `gradcamo_jax.configs` ("paper",
+    "smoke"), or the path of a Python file defining ``get_config() -> TrainConfig``.
     """
+    import importlib
     import importlib.util
     from pathlib import Path
 
-    path = Path(name_or_path)
-    if path.suffix != ".py":
-        path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / f"{name_or_path}.py"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.py") if not p.stem.startswith("_")) if path.parent.is_dir() else []
-        raise FileNotFoundError(f"no config {name_or_path!r} (looked for {path}); known presets: {known}")
-    spec = importlib.util.spec_from_file_location(f"gradcamo_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from gradcamo_jax.configs import PRESETS
+
+    if name_or_path in PRESETS:
+        module = importlib.import_module(f"gradcamo_jax.configs.{name_or_path}")
+    else:
+        path = Path(name_or_path)
+        if path.suffix != ".py" or not path.is_file():
+            raise FileNotFoundError(
+                f"no config {name_or_path!r}: expected a preset name {list(PRESETS)} or an existing "
+                ".py file that defines get_config()"
+            )
+        spec = importlib.util.spec_from_file_location(f"gradcamo_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config {name_or_path!r} defines no get_config() -> TrainConfig")
     return apply_overrides(module.get_config(), overrides)

@@ -30,8 +30,18 @@ import os
 import time
 from pathlib import Path
 
-from gradcamo_jax.config import DataConfig, ModelConfig, TrainConfig
+from gradcamo_jax.config import TrainConfig
+from gradcamo_jax.configs import smoke
 
+
+def _demo_train() -> TrainConfig:
+    """The smoke recipe on the demo's whole 5×32×32 crops, 3 classes."""
+    base = smoke.get_config()
+    return dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, num_classes=3),
+        data=dataclasses.replace(base.data, crop_shape=None, downsample=(1, 1, 1)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,23 +86,7 @@ class DemoConfig:
     background_level: float = 0.25
     wells_per_dose: int = 8
     crop_size: tuple[int, int, int] = (5, 32, 32)
-    train: TrainConfig = TrainConfig(
-        # BatchNorm momentum 0.9: at 0.99 the running statistics of a 300-step run lag the
-        # weights and held-out (inference-mode) predictions collapse onto one class (measured:
-        # every validation cell predicted as control); at 0.9 they spread (accuracy 0.20).
-        model=ModelConfig("tiny", num_classes=3, stem_stride=(1, 2, 2), drop_path_rate=0.0, bn_momentum=0.9),
-        data=DataConfig(batch_size=16, eval_batch_size=32, crop_shape=None, downsample=(1, 1, 1),
-                        read_threads=2, prefetch=4),
-        num_steps=300,
-        learning_rate=3e-3,
-        warmup_steps=20,
-        weight_decay=1e-4,
-        compute_dtype="float32",
-        log_every=10,
-        checkpoint_every=100,
-        keep_checkpoints=2,
-        async_checkpointing=False,
-    )
+    train: TrainConfig = _demo_train()
     layer: str = "stem"
     method: str = "layercam"
     cam_sample: int = 64
@@ -122,7 +116,7 @@ def run_plate(signal: str, strength: float, out_dir: Path, config: DemoConfig, p
     """One plate through every stage; returns its headline numbers and stage timings."""
     from gradcamo_jax import EfficientNet
     from gradcamo_jax.data import crop, synthetic
-    from gradcamo_jax.profile import ScoreConfig, score_dataset
+    from gradcamo_jax.scoring import ScoreConfig, score_dataset
     from gradcamo_jax.report import headline, make_report
     from gradcamo_jax.train import load_checkpoint, train_and_evaluate
 
@@ -164,7 +158,7 @@ def run_plate(signal: str, strength: float, out_dir: Path, config: DemoConfig, p
                          title=f"Grad-CAMO audit — synthetic plate, dose signal in the {signal}", extra=extra)
     times["report_s"] = time.perf_counter() - t
 
-    from gradcamo_jax.profile import read_profiles
+    from gradcamo_jax.scoring import read_profiles
 
     head = headline(read_profiles(out_dir / "profiles"))
     return {"signal": signal, "report": str(report.relative_to(out_dir.parent)), **head, **extra,

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradcamo_jax.gradcamo import SCORE_COLUMNS, summarize
+from gradcamo_jax.metric import SCORE_COLUMNS, summarize
 from gradcamo_jax.sphering import SpherizeConfig, feature_columns, spherize
 
 GCO = SCORE_COLUMNS["cell"]
@@ -311,7 +311,7 @@ def make_report(
       extra: more headline entries (e.g. training time) shown under the computed ones.
     """
     from gradcamo_jax.data import formats
-    from gradcamo_jax.profile import read_cams, read_profiles
+    from gradcamo_jax.scoring import read_cams, read_profiles
 
     out = Path(out_dir)
     profiles = read_profiles(profiles_dir)

@@ -62,8 +62,8 @@ def reexec_with_hugepages(argv: Sequence[str] | None = None) -> None:
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if argv is None and main_spec is not None and main_spec.name:
         # Started as `python -m pkg.mod`: restart the same way. Running the module's file as
-        # a script would put its folder first on sys.path, where gradcamo_jax/profile.py
-        # would shadow the standard library's `profile`.
+        # a script would put the package's own folder first on sys.path, where any module
+        # named like one of the standard library's would shadow it, and relative imports break.
         name = main_spec.name.removesuffix(".__main__")
         args = ["-m", name, *args[1:]]
     env = hugepage_environ()

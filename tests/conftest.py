@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-# experiments/ holds the PyTorch twin (torch stays out of the package).
-sys.path.insert(0, str(ROOT / "experiments"))
-
-from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, init  # noqa: E402
+from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, init
 
 
 def blob_masks(n: int, spatial: tuple[int, ...], seed: int = 0) -> np.ndarray:

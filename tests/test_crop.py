@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import shutil
 import warnings
 from pathlib import Path
@@ -11,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _tools import load_tool
 from scipy import ndimage
 
 from gradcamo_jax.data import crop as C
 from gradcamo_jax.data import formats as F
 from gradcamo_jax.data import synthetic as S
 
-ROOT = Path(__file__).resolve().parents[1]
 CROP = (3, 16, 16)
 CONFIG = C.CropConfig(crop_size=CROP, workers=0, min_volume=10)
 
@@ -221,10 +220,8 @@ def test_bad_site_fails_loudly_others_are_kept(plate, tmp_path):
 
 def test_cli_shards_merge_and_labels_dir(plate, tmp_path, capsys):
     path, ref = plate
-    spec = importlib.util.spec_from_file_location("crop_tool", ROOT / "tools" / "crop.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    # Labels from a folder of <site id>.tif, as tools/segment.py writes them.
+    tool = load_tool("crop")
+    # Labels from a folder of <site id>_labels.tiff, as tools/segment.py and synth write them.
     labels_dir = tmp_path / "labels"
     shutil.copytree(Path(path).parent / "labels", labels_dir)
     pm = F.read_plate_map(path).drop(columns=["FileName_Labels"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-import confounders
-import study
+from experiments import confounders
+from experiments import study
 
 
 def _table(rng, mode, seed, scores, marked=None):
@@ -60,7 +60,7 @@ def test_profile_stages_names_the_ops_that_take_the_time():
     import jax
     import jax.numpy as jnp
 
-    import profile_stages
+    from experiments import profile_stages
 
     def f(a, b):
         return jnp.dot(a, a), b * 2.0

@@ -125,7 +125,7 @@ def test_study_scoring_agrees_with_explain_for_every_method(tiny3d, x64):
     formulas and not of float32 rounding: the two programs batch differently (3 padded vs
     4), XLA fuses and rounds them differently, and Grad-CAM++'s g²/g³ weights amplify that
     to 2e-4 relative in float32 (measured)."""
-    import study
+    from experiments import study
 
     s = tiny3d
     model = EfficientNet(dataclasses.replace(s.model.config, dtype="float64"))

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import blob_masks
 from gradcamo_jax.data import formats
-from gradcamo_jax.profile import MANIFEST, PART
+from gradcamo_jax.scoring import MANIFEST, PART
 from gradcamo_jax.report import ReportConfig, headline, make_report, pick_examples
 
 SPATIAL = (5, 24, 24)

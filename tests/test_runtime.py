@@ -68,7 +68,7 @@ def test_restart_sets_the_tunable_keeps_arguments_and_cuts_page_faults(tmp_path)
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc tunables are Linux/glibc only")
 def test_restart_of_a_module_run_stays_a_module_run(tmp_path):
     """`python -m pkg.mod` restarts as `-m pkg.mod` (not as the file, whose folder would then
-    lead sys.path and let gradcamo_jax/profile.py shadow the standard library)."""
+    lead sys.path, where a module of the package could shadow one of the standard library)."""
     pkg = tmp_path / "probepkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")

@@ -1,6 +1,6 @@
 """tools/segment.py: metric, end-cap merging, channel/shard/model plumbing, and the Cellpose run end to end.
 
-The Cellpose model used here is built offline (tools/_cellpose_offline.py: an untrained CPnet
+The Cellpose model used here is built offline (tools/cellpose_offline.py: an untrained CPnet
 trained briefly on synthetic slices), once per machine: it is cached under pytest's cache folder
 (.pytest_cache/d/cellpose-offline/, keyed by a hash of the recipe and the cellpose/torch
 versions), so a fresh clone (CI) trains it once per run. Only cellpose 3.1 is tested here; the
@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from _tools import load_tool
+
+from gradcamo_jax.data import formats
+from gradcamo_jax.data import seg_metrics as metrics
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import _segment_metrics as metrics  # noqa: E402
-import segment  # noqa: E402
-
-from gradcamo_jax.data import formats  # noqa: E402
+segment = load_tool("segment")
 
 # ----------------------------------------------------------------------------- metric
 
@@ -180,12 +180,17 @@ def test_select_channels_by_name():
 
 
 def test_shards_partition_rows():
-    assert segment.parse_shard("2/5") == (2, 5) and segment.parse_shard(" 0 / 1 ") == (0, 1)
+    """The one job-array shard rule (segment, crop and scoring share it)."""
+    from gradcamo_jax.data import shards
+
+    assert shards.parse_shard("2/5") == (2, 5) and shards.parse_shard(" 0 / 1 ") == (0, 1)
     for bad in ("5/5", "-1/3", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="--shard"):
+            shards.parse_shard(bad)
         with pytest.raises(segment.SegmentError, match="--shard"):
-            segment.parse_shard(bad)
+            segment._parse_shard(bad)
     for n, count in ((10, 3), (2, 4), (0, 2)):
-        parts = [segment.shard_rows(n, i, count) for i in range(count)]
+        parts = [shards.shard_rows(n, (i, count)) for i in range(count)]
         joined = np.sort(np.concatenate(parts))
         np.testing.assert_array_equal(joined, np.arange(n))
 
@@ -262,7 +267,7 @@ def test_missing_image_fails_before_any_work(tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- with a real (offline) model
 
-import _cellpose_offline as offline  # noqa: E402  (imports cellpose lazily)
+offline = segment.load_offline_module()  # imports cellpose lazily
 
 from gradcamo_jax.data import synthetic  # noqa: E402
 

@@ -72,7 +72,7 @@ def test_presets_load():
     assert paper.data.crop_shape == (21, 128, 128)
     smoke = load_preset("smoke", ["num_steps=5"])
     assert smoke.model.variant == "tiny" and smoke.num_steps == 5
-    with pytest.raises(FileNotFoundError, match="known presets"):
+    with pytest.raises(FileNotFoundError, match=r"expected a preset name \['paper', 'smoke'\]"):
         load_preset("no-such-preset")
 
 

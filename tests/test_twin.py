@@ -1,4 +1,4 @@
-"""gradcamo-jax against its PyTorch peers on the identical network (`experiments/torch_twin.py`).
+"""gradcamo-jax against its PyTorch peers on the identical network (`gradcamo_jax/peers/torch_twin.py`).
 
 * The twin with our weights reproduces our logits and every named activation.
 * pytorch-grad-cam's GradCAM, GradCAM++, HiResCAM, LayerCAM and XGradCAM on the twin
@@ -31,7 +31,7 @@ F = torch.nn.functional
 
 from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, grad_cam, gradcamo  # noqa: E402
 from gradcamo_jax.cam import cam_from_gradients, upsample  # noqa: E402
-from torch_twin import (  # noqa: E402
+from gradcamo_jax.peers.torch_twin import (  # noqa: E402
     TorchEfficientNet,
     import_torchvision_safely,
     load_flax_variables,

@@ -11,7 +11,8 @@ percentile normalisation, centring, padding flags, mask codes, classes, splits).
     python tools/crop.py PLATEMAP --out DATASET --merge
 
 Re-running skips finished sites (resumable). Labels come from the plate map's
-FileName_Labels column, or from --labels-dir (<site id>.tif, as tools/segment.py writes).
+FileName_Labels column, or from --labels-dir (<site id>_labels.tiff, as tools/segment.py writes
+them into OUT/labels/).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from gradcamo_jax.data import crop
+from gradcamo_jax.data import crop, shards
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/crop.py", description=__doc__.splitlines()[0])
     p.add_argument("plate_map", help="plate map (CSV or Parquet)")
     p.add_argument("--out", required=True, help="dataset folder (parts/, then cells.parquet + crops.zarr)")
-    p.add_argument("--labels-dir", default=None, help="folder of <site id>.tif label volumes (default: FileName_Labels)")
+    p.add_argument("--labels-dir", default=None, help="folder of <site id>_labels.tiff label volumes, e.g. tools/segment.py's OUT/labels (default: FileName_Labels)")
     p.add_argument("--crop", type=_ints, default=(21, 128, 128), help="crop size Z,Y,X (default 21,128,128)")
     p.add_argument("--percentiles", type=_floats, default=(1.0, 99.8), help="normalisation percentiles LOW,HIGH")
     p.add_argument("--clip", action="store_true", help="clip normalised intensities to [0, 1]")
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        shard = crop.parse_shard(args.shard)
+        shard = shards.parse_shard(args.shard)
         if not args.merge:
             t0 = time.perf_counter()
             reports = crop.crop_shard(args.plate_map, args.out, config, shard)

@@ -23,7 +23,7 @@ Models: a Cellpose built-in name (cellpose 3: cyto3, nuclei, cyto2, ...; cellpos
 weights must already be in ``$CELLPOSE_LOCAL_MODELS_PATH`` (default ``~/.cellpose/models``) --
 nothing is ever downloaded; if they are missing the run stops before reading any image and says
 which file to put where -- or a path to a model file. ``train-offline`` builds a small model with
-no network (tools/_cellpose_offline.py). Cellpose 3.1 and 4.x are both handled (4.x has no
+no network (tools/cellpose_offline.py). Cellpose 3.1 and 4.x are both handled (4.x has no
 ``channels`` argument: the two chosen channels are passed as the image); only 3.1 is tested here.
 
 Usage:
@@ -60,15 +60,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-_TOOLS = Path(__file__).resolve().parent
-if str(_TOOLS) not in sys.path:  # siblings (_segment_metrics, _cellpose_offline) when imported
-    sys.path.insert(0, str(_TOOLS))
-if str(_TOOLS.parent) not in sys.path:  # the package, when run from a checkout without install
-    sys.path.insert(1, str(_TOOLS.parent))
-
-from _segment_metrics import MatchScore, match_f1  # noqa: E402
-
-from gradcamo_jax.data import formats  # noqa: E402
+from gradcamo_jax.data import formats, shards
+from gradcamo_jax.data.seg_metrics import MatchScore, match_f1
 
 log = logging.getLogger("segment")
 
@@ -154,26 +147,6 @@ class SegmentConfig:
         d = asdict(self)
         d["channel_names"] = list(self.channel_names)
         return d
-
-
-# ----------------------------------------------------------------------------- shards
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'INDEX/COUNT' (0-based INDEX) -> (index, count); e.g. SLURM's $SLURM_ARRAY_TASK_ID/N with --array=0-(N-1)."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
-    if not m:
-        raise SegmentError(f"--shard {text!r}: expected INDEX/COUNT, e.g. 0/4")
-    index, count = int(m.group(1)), int(m.group(2))
-    if count < 1 or not 0 <= index < count:
-        raise SegmentError(f"--shard {text!r}: need 0 <= INDEX < COUNT (INDEX is 0-based)")
-    return index, count
-
-
-def shard_rows(n_rows: int, index: int, count: int) -> np.ndarray:
-    """Plate-map row numbers of one shard: every COUNT-th row from INDEX (round-robin, so wells
-    spread evenly); the shards of one COUNT partition the rows."""
-    return np.arange(index, n_rows, count)
 
 
 # ----------------------------------------------------------------------------- models
@@ -456,7 +429,7 @@ def segment_stack(model, stack: np.ndarray, cfg: SegmentConfig, major: int) -> t
 
 
 def label_path(out: Path, sid: str) -> Path:
-    return out / "labels" / f"{sid}_labels.tiff"
+    return out / "labels" / formats.labels_name(sid)
 
 
 def record_path(out: Path, sid: str) -> Path:
@@ -555,7 +528,7 @@ def run(plate_map: str | os.PathLike, out: str | os.PathLike, cfg: SegmentConfig
     except (ValueError, FileNotFoundError) as e:
         raise SegmentError(str(e)) from e
     _check_config(out, cfg, overwrite)
-    rows = shard_rows(len(df), index, count)
+    rows = shards.shard_rows(len(df), shard)
     import torch
 
     if threads:
@@ -749,6 +722,27 @@ def config_from_args(a: argparse.Namespace) -> SegmentConfig:
     )
 
 
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        return shards.parse_shard(text)
+    except ValueError as e:
+        raise SegmentError(str(e)) from None
+
+
+def load_offline_module():
+    """tools/cellpose_offline.py, loaded from beside this file (tools/ is not a package and
+    is not put on sys.path)."""
+    import importlib.util
+
+    name = "gradcamo_tools_cellpose_offline"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("cellpose_offline.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
@@ -758,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("cellpose").setLevel(logging.INFO if a.verbose else logging.WARNING)
     try:
         if a.command == "run":
-            run(a.plate_map, a.out, config_from_args(a), shard=parse_shard(a.shard), device=a.device,
+            run(a.plate_map, a.out, config_from_args(a), shard=_parse_shard(a.shard), device=a.device,
                 threads=a.threads, keep_going=a.keep_going, overwrite=a.overwrite)
         elif a.command == "merge":
             merge(a.plate_map, a.out, allow_partial=a.allow_partial)
@@ -767,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table[["site_id", "n_true", "n_pred", "tp", "fp", "fn", "f1"]].to_string(index=False))
             print(f"mean F1@{a.iou}: {table['f1'].mean():.3f}")
         elif a.command == "train-offline":
-            import _cellpose_offline as off
+            off = load_offline_module()
 
             logging.getLogger("cellpose.train").setLevel(logging.INFO)  # per-epoch losses
 

@@ -67,7 +67,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from gradcamo_jax.data import formats
+from gradcamo_jax.data import formats, shards
 
 PARTS_DIR = "parts"
 SUMMARY_FILE = "summary.json"
@@ -91,8 +91,8 @@ class CropConfig:
         (default) = on the cell, except when the crop has at least as many slices
         as the stack (the paper's 21-slice crops of 21-slice stacks): then the crop
         holds the whole stack in z and is padded in z only when it is deeper.
-      labels_dir: folder of label TIFFs named ``<site id>.tif`` (see
-        `formats.site_id`); None = the plate map's FileName_Labels column.
+      labels_dir: folder of label TIFFs named ``<site id>_labels.tiff`` (`formats.labels_name`,
+        as tools/segment.py writes them); None = the plate map's FileName_Labels column.
       split_fractions: (train, val, test) fractions of wells per class.
       split_seed: seed of the well shuffle behind the split.
       workers: processes over sites (0 = in this process).
@@ -240,10 +240,11 @@ def select_cells(labels: np.ndarray, min_volume: int) -> tuple[pd.DataFrame, int
 
 
 def labels_path(row: dict, config: CropConfig) -> str:
-    """Where a site's labels are: `config.labels_dir`/<site id>.tif, else FileName_Labels."""
+    """Where a site's labels are: ``config.labels_dir/<site id>_labels.tiff`` (`formats.labels_name`,
+    as tools/segment.py writes them), else FileName_Labels."""
     if config.labels_dir is not None:
         sid = formats.site_id(row["Metadata_Plate"], row["Metadata_Well"], row["Metadata_Site"])
-        return str(Path(config.labels_dir).resolve() / f"{sid}.tif")
+        return str(Path(config.labels_dir).resolve() / formats.labels_name(sid))
     path = row.get("FileName_Labels")
     if not path:
         raise ValueError(
@@ -323,21 +324,8 @@ def process_site(row: dict, parts_dir: str | os.PathLike, config: CropConfig) ->
 # ----------------------------------------------------------------------------- plate
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """"INDEX/COUNT" (0-based index) → (index, count), e.g. "3/8" for SLURM_ARRAY_TASK_ID=3 of 8."""
-    try:
-        index, count = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: use INDEX/COUNT, e.g. 0/4") from None
-    if not 0 <= index < count:
-        raise ValueError(f"--shard {text!r}: need 0 ≤ INDEX < COUNT")
-    return index, count
-
-
-def shard_rows(plate_map: pd.DataFrame, shard: tuple[int, int]) -> pd.DataFrame:
-    """Sites of one shard: rows i ≡ index (mod count), so each shard gets every dose."""
-    index, count = shard
-    return plate_map.iloc[index::count]
+def _shard_sites(plate_map: pd.DataFrame, shard: tuple[int, int]) -> pd.DataFrame:
+    return plate_map.iloc[shards.shard_rows(len(plate_map), shard)]
 
 
 def _load_plate_map(plate_map: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
@@ -365,7 +353,7 @@ def crop_shard(
     parts = Path(out_dir) / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
     todo, reports = [], {}
-    for _, row in shard_rows(pm, shard).iterrows():
+    for _, row in _shard_sites(pm, shard).iterrows():
         row = _row_dict(row)
         sid = formats.site_id(row["Metadata_Plate"], row["Metadata_Well"], row["Metadata_Site"])
         # Leftovers of a killed run of this site (only this shard owns it).
@@ -398,7 +386,7 @@ def crop_shard(
         lines = "\n".join(f"  {sid}: {msg}" for sid, msg in sorted(failures.items()))
         raise ValueError(f"{len(failures)} site(s) failed (the others are saved; fix these and re-run):\n{lines}")
     order = [formats.site_id(r.Metadata_Plate, r.Metadata_Well, r.Metadata_Site)
-             for r in shard_rows(pm, shard).itertuples()]
+             for r in _shard_sites(pm, shard).itertuples()]
     return [reports[s] for s in order]
 
 

@@ -284,6 +284,13 @@ def site_id(plate: Any, well: Any, site: Any) -> str:
     return f"{safe(plate)}_{safe(well)}_s{int(site)}"
 
 
+def labels_name(sid: str) -> str:
+    """File name of a site's label volume, e.g. ``"P1_A01_s2_labels.tiff"``: what tools/segment.py
+    and `gradcamo synth` write into their ``labels/`` folder and what ``tools/crop.py --labels-dir``
+    reads."""
+    return f"{sid}_labels.tiff"
+
+
 # ----------------------------------------------------------------------------- stacks
 
 

@@ -4,7 +4,7 @@
 
     out_dir/platemap.csv            one row per site (Metadata_*, FileName_Image, FileName_Labels)
     out_dir/images/<site>.tif       (Z, C, Y, X) uint16, channels `formats.CHANNELS`
-    out_dir/labels/<site>.tif       (Z, Y, X) true labels (FileName_Labels points here)
+    out_dir/labels/<site>_labels.tiff  (Z, Y, X) true labels (FileName_Labels points here)
     out_dir/ground_truth.parquet    one row per cell: site key, Metadata_ObjectNumber,
                                     true class, dose, signal per mode, `marked`, centroid, volume
     out_dir/ground_truth.json       the config, the class table and per-site planted effects
@@ -442,7 +442,7 @@ def write_plate(config: SynthConfig, out_dir: str | os.PathLike) -> Path:
         sid = formats.site_id(row.Metadata_Plate, row.Metadata_Well, row.Metadata_Site)
         stack, labels, table, effects = synth_site(config, row.Metadata_TrueClass, i, empty=i >= empty_from)
         image_names.append(f"images/{sid}.tif")
-        label_names.append(f"labels/{sid}.tif")
+        label_names.append(f"labels/{formats.labels_name(sid)}")
         formats.write_stack(out / image_names[-1], stack, formats.CHANNELS)
         formats.write_labels(out / label_names[-1], labels)
         for col in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Treatment", "Metadata_Dose"):

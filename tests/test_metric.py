@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from gradcamo_jax import gradcamo, summarize
-from gradcamo_jax.gradcamo import SCORE_COLUMNS
+from gradcamo_jax.metric import SCORE_COLUMNS
 
 
 def numpy_reference(cam: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ The twin is the *reference peer* of gradcamo-jax:
 * the PyTorch side of `experiments/benchmark.py` (forward, hook-based Grad-CAM,
   pytorch-grad-cam, MONAI and a train step on the identical network).
 
-It lives in ``experiments/`` so that the package itself never imports torch.
+It lives in `gradcamo_jax.peers`, which the pipeline never imports, so torch stays optional.
 
 Architecture (channels-first: ``(N, C, Z, Y, X)`` in 3D, ``(N, C, Y, X)`` in 2D)
 -------------------------------------------------------------------------------

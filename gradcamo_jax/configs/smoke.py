@@ -4,6 +4,10 @@ Made for the synthetic demo plate (`gradcamo synth --preset demo`, cropped 9×48
 crops are centre-cropped to 5×48×48 and binned 2× in Y and X to 5×24×24.
 
     gradcamo train --data DATA --workdir RUN --config smoke
+
+This is the one small training recipe: `gradcamo_jax.demo` and the studies in
+``experiments/`` change only what their plates need (classes, crop transform, logging)
+with `dataclasses.replace`.
 """
 
 from gradcamo_jax.config import DataConfig, ModelConfig, TrainConfig
@@ -11,8 +15,8 @@ from gradcamo_jax.config import DataConfig, ModelConfig, TrainConfig
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        # momentum 0.9: at 0.99 a 300-step run's running statistics lag and held-out
-        # predictions collapse onto one class (see gradcamo_jax/demo.py).
+        # BatchNorm momentum 0.9: at 0.99 the running statistics of a 300-step run lag the
+        # weights, and held-out (inference-mode) predictions collapse onto one class.
         model=ModelConfig("tiny", num_classes=6, stem_stride=(1, 2, 2), drop_path_rate=0.0, bn_momentum=0.9),
         data=DataConfig(
             batch_size=16,

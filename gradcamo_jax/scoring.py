@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gradcamo_jax.cam import make_explain_fn
 from gradcamo_jax.config import ModelConfig
 from gradcamo_jax.data import formats
-from gradcamo_jax.gradcamo import SCORE_COLUMNS
+from gradcamo_jax.metric import SCORE_COLUMNS
 from gradcamo_jax.models.efficientnet import EfficientNet, layer_index
 
 MANIFEST = "manifest.json"

@@ -19,7 +19,7 @@ import pytest
 from conftest import blob_masks
 from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, explain, gradcamo, init
 from gradcamo_jax.data import formats
-from gradcamo_jax.profile import PART, ScoreConfig, cam_rows, read_cams, read_profiles, score_dataset
+from gradcamo_jax.scoring import PART, ScoreConfig, cam_rows, read_cams, read_profiles, score_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig("tiny", num_classes=3, stem_stride=(1, 2, 2), conv_impl="xla")
@@ -137,12 +137,12 @@ WORKER = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {tests!r})
     import test_profile as t
-    from gradcamo_jax.profile import ScoreConfig, score_dataset
+    from gradcamo_jax.scoring import ScoreConfig, score_dataset
     model, v = t.model_and_variables()
     cfg = ScoreConfig(layer="stage4", batch_size=4, rows_per_shard=4)
     slow = len(sys.argv) > 2
     if slow:  # make each part take a while so the parent can kill us between and inside parts
-        import gradcamo_jax.profile as p
+        import gradcamo_jax.scoring as p
         orig = p.score_part
         def score_part(*a, **k):
             time.sleep(0.4)
@@ -189,7 +189,7 @@ def test_eight_devices_give_the_same_profiles(tmp_path, scored):
         import jax
         assert jax.local_device_count() == 8, jax.devices()
         import test_profile as t
-        from gradcamo_jax.profile import ScoreConfig, score_dataset
+        from gradcamo_jax.scoring import ScoreConfig, score_dataset
         model, v = t.model_and_variables()
         cfg = ScoreConfig(layer="stage4", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
         score_dataset(model, v, {str(base / 'data')!r}, {str(tmp_path / 'p8')!r}, cfg, progress=False)

@@ -167,7 +167,7 @@ def _require_cellpose3() -> None:
 def average_precision(model, images: list[np.ndarray], labels: list[np.ndarray], threshold: float = 0.5,
                       tile: int = 224) -> float:
     """Mean over images of TP / (TP + FP + FN) at IoU ``threshold`` (cellpose's 'AP' convention)."""
-    from _segment_metrics import match_f1
+    from gradcamo_jax.data.seg_metrics import match_f1
 
     vals = []
     for img, lab in zip(images, labels):
