@@ -96,7 +96,7 @@ def jax_benchmarks(args, model, variables, images, masks, targets) -> list[Resul
     t = jnp.asarray(targets)
     fwd = jax.jit(model.apply)
     out.append(measure("jax_forward", lambda: fwd(variables, x).block_until_ready(), len(images), args.repeats))
-    explain = make_explain_fn(model, args.layer, "gradcam", (args.layer,), False, True, True)
+    explain = make_explain_fn(model, args.layer, "gradcam", feature_layers=(args.layer,))
     out.append(
         measure(
             "jax_explain",

@@ -97,7 +97,7 @@ def child_batch(args) -> dict:
         x = jax.random.normal(jax.random.key(1), (b, *crop, args.channels))
         m = jax.numpy.ones((b, *crop), jax.numpy.uint8)
         t = jax.numpy.full((b,), -1, jax.numpy.int32)
-        fn = make_explain_fn(model, "stage5", "gradcam", ("stage5",), False, True, True)
+        fn = make_explain_fn(model, "stage5", "gradcam", feature_layers=("stage5",))
         fn(variables, x, m, t).scores.cell.block_until_ready()
         times = []
         for _ in range(3):

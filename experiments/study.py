@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradcamo_jax.config import TrainConfig
+from gradcamo_jax.config import DataConfig, TrainConfig
 from gradcamo_jax.configs import smoke
 
 
@@ -138,7 +138,7 @@ def load_split(data: Path, split: str = "test") -> tuple[np.ndarray, np.ndarray,
     from gradcamo_jax.data import formats, pipeline, synthetic
 
     # open_dataset maps cells to store rows and takes the stored split (checked by well).
-    ds = pipeline.open_dataset(str(data), DataConfig(use_stored_split=True))
+    ds = pipeline.open_dataset(str(data), DataConfig())
     source = ds.sources[split]
     cells = ds.cells[ds.cells["split"] == split].drop(columns="split").reset_index(drop=True)
     items = [source[i] for i in range(len(source))]

@@ -202,6 +202,7 @@ def make_explain_fn(
     model: EfficientNet,
     layer: str,
     method: str | CamWeights = "gradcam",
+    *,
     feature_layers: tuple[str, ...] = (),
     return_cam: bool = False,
     with_masks: bool = True,
@@ -312,7 +313,8 @@ def explain(
     if check:
         check_inputs(model, variables, images, masks, targets)
     feature_layers = (layer,) if feature_layers is None else tuple(feature_layers)
-    fn = make_explain_fn(model, layer, method, feature_layers, return_cam, masks is not None, True)
+    fn = make_explain_fn(model, layer, method, feature_layers=feature_layers, return_cam=return_cam,
+                         with_masks=masks is not None, resize=True)
     masks = None if masks is None else jnp.asarray(masks)
     return fn(variables, images, masks, _targets_array(targets, images.shape[0]))
 
@@ -336,7 +338,7 @@ def grad_cam(
     """
     if check:
         check_inputs(model, variables, images, None, targets)
-    fn = make_explain_fn(model, layer, method, (), True, False, upsample_to_input)
+    fn = make_explain_fn(model, layer, method, return_cam=True, with_masks=False, resize=upsample_to_input)
     return fn(variables, images, None, _targets_array(targets, images.shape[0]))
 
 

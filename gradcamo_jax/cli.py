@@ -129,7 +129,8 @@ def _run_score(args: argparse.Namespace) -> int:
     layers = tuple(x for x in args.feature_layers.split(",") if x)
     config = ScoreConfig(layer=args.layer, method=args.method, feature_layers=layers, batch_size=args.batch_size,
                          rows_per_shard=args.rows_per_shard, cam_sample=args.cam_sample)
-    stats = score_dataset(model, variables, args.data, args.out, config, data_config=train_cfg.data,
+    stats = score_dataset(model, variables, args.data, args.out, config, crop_shape=train_cfg.data.crop_shape,
+                          downsample=train_cfg.data.downsample,
                           progress=not args.no_progress)
     print(json.dumps(stats))
     return 0

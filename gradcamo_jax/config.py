@@ -190,10 +190,6 @@ class ModelConfig:
             )
         return tuple(out)
 
-    @property
-    def num_blocks(self) -> int:
-        return sum(s.repeats for s in self.stages())
-
 
 def effective_strides(spatial: tuple[int, ...], strides: tuple[int, ...], min_size: int) -> tuple[int, ...]:
     """Per-axis strides after the `min_size` rule: stride s on an axis of length n
@@ -218,12 +214,12 @@ class DataConfig:
       batch_size: global training batch (all processes together); must divide by the
         number of processes, and by the number of devices for the pmap strategy.
       eval_batch_size: global evaluation batch; the last batch is padded (and masked).
-      val_fraction: fraction of each class's wells held out for validation.
-      test_fraction: fraction of each class's wells held out for testing (never read by training).
-      split_seed: seed of the split by well; used when the cell table has no
-        ``Metadata_Split`` column or `use_stored_split` is False.
-      use_stored_split: take ``Metadata_Split`` from ``cells.parquet`` when present (it is
-        checked: a well in two splits is an error).
+      split_fractions: None (default) takes the split the crop step stored in ``cells.parquet``
+        (``Metadata_Split``, set by ``tools/crop.py --split``; checked: a well in two splits is
+        an error), or (0.6, 0.2, 0.2) of each class's wells for a table without one. A
+        ``(train, val, test)`` tuple splits the cells anew by well (`gradcamo_jax.data.splits`),
+        overriding a stored split. The test split is never read by training.
+      split_seed: seed of that new split (unused when the stored split is taken).
       crop_shape: ``(Z, Y, X)`` centre crop applied to every stored crop; None keeps the stored size.
       downsample: ``(Z, Y, X)`` integer mean-pooling factors after the crop (the mask takes the
         value at each bin's centre), to train small models on big crops.
@@ -240,10 +236,8 @@ class DataConfig:
 
     batch_size: int = 32
     eval_batch_size: int = 64
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
+    split_fractions: tuple[float, float, float] | None = None
     split_seed: int = 0
-    use_stored_split: bool = True
     crop_shape: tuple[int, int, int] | None = None
     downsample: tuple[int, int, int] = (1, 1, 1)
     flip_xy: bool = True
@@ -257,11 +251,10 @@ class DataConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"DataConfig batch sizes must be >= 1 (got {self.batch_size}, {self.eval_batch_size})")
-        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            raise ValueError(
-                f"DataConfig.val_fraction={self.val_fraction}, test_fraction={self.test_fraction}: "
-                "each must be in [0, 1) and together below 1 (some wells must train)"
-            )
+        if self.split_fractions is not None:
+            from gradcamo_jax.data.splits import check_fractions
+
+            check_fractions(self.split_fractions, "DataConfig.split_fractions")
         if len(self.downsample) != 3 or min(self.downsample) < 1:
             raise ValueError(f"DataConfig.downsample={self.downsample}; expected 3 integers >= 1 (Z, Y, X)")
         if self.crop_shape is not None and (len(self.crop_shape) != 3 or min(self.crop_shape) < 1):

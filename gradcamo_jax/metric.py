@@ -22,7 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-CENTRAL, NEIGHBOR, BACKGROUND = 1, 2, 0
+# The crop store's mask codes, under the names of the attention split.
+from gradcamo_jax.data.formats import MASK_BACKGROUND as BACKGROUND
+from gradcamo_jax.data.formats import MASK_CENTRAL as CENTRAL
+from gradcamo_jax.data.formats import MASK_OTHER as NEIGHBOR
 
 
 @struct.dataclass
@@ -87,7 +90,7 @@ def check_cam_and_mask(cam, mask) -> None:
     if cam.ndim < 2:
         raise ValueError(f"cam has shape {tuple(cam.shape)}; expected (N, [Z,] Y, X) with a leading cell axis")
     m = np.asarray(mask)
-    bad = ~np.isin(m, (0, 1, 2))
+    bad = ~np.isin(m, (BACKGROUND, CENTRAL, NEIGHBOR))
     if bad.any():
         cell = int(np.argwhere(bad)[0][0])
         raise ValueError(

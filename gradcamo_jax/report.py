@@ -322,12 +322,11 @@ def make_report(
     if manifest.get("crop_shape") is not None or tuple(manifest.get("downsample", (1, 1, 1))) != (1, 1, 1):
         import functools
 
-        from gradcamo_jax.config import DataConfig
         from gradcamo_jax.data.pipeline import centre_crop_and_bin
 
         crop = manifest.get("crop_shape")
-        dc = DataConfig(crop_shape=None if crop is None else tuple(crop), downsample=tuple(manifest["downsample"]))
-        preprocess = functools.partial(centre_crop_and_bin, config=dc)
+        preprocess = functools.partial(centre_crop_and_bin, crop_shape=None if crop is None else tuple(crop),
+                                       downsample=tuple(manifest["downsample"]))
     figs = figures_from_profiles(profiles, out, config, store=store, cam_rows=rows, cams=cams, preprocess=preprocess)
     head = {**headline(profiles, config.threshold), **(extra or {})}
     parts = [

@@ -43,13 +43,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pandas as pd
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
 
 from gradcamo_jax.cam import make_explain_fn
 from gradcamo_jax.config import ModelConfig
 from gradcamo_jax.data import formats
 from gradcamo_jax.metric import SCORE_COLUMNS
 from gradcamo_jax.models.efficientnet import EfficientNet, layer_index
+from gradcamo_jax.sharding import batch_sharding, make_mesh
 
 MANIFEST = "manifest.json"
 PART = "part-{:05d}.parquet"
@@ -118,24 +119,20 @@ def cam_rows(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(np.int64))
 
 
-def _local_mesh() -> Mesh:
-    return Mesh(np.array(jax.local_devices()), ("data",))
-
-
-def _batches(store, start: int, stop: int, batch: int, prefetch: int, data_config=None
+def _batches(store, start: int, stop: int, batch: int, prefetch: int, crop_shape=None, downsample=(1, 1, 1)
              ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(first row, images (b, Z, Y, X, C) float32, masks (b, Z, Y, X)) for rows [start, stop),
     read ahead in threads (zarr decoding releases the GIL), with the training run's centre
-    crop and binning (`data_config`) applied per cell."""
+    crop and binning applied per cell."""
     starts = list(range(start, stop, batch))
 
     def read(s):
         e = min(s + batch, stop)
         images, masks = store.image[s:e].astype(np.float32), store.mask[s:e]
-        if data_config is not None and (data_config.crop_shape is not None or data_config.downsample != (1, 1, 1)):
+        if crop_shape is not None or tuple(downsample) != (1, 1, 1):
             from gradcamo_jax.data.pipeline import centre_crop_and_bin
 
-            pairs = [centre_crop_and_bin(i, m, data_config) for i, m in zip(images, masks)]
+            pairs = [centre_crop_and_bin(i, m, crop_shape, downsample) for i, m in zip(images, masks)]
             images = np.stack([p[0] for p in pairs]).astype(np.float32)
             masks = np.stack([p[1] for p in pairs])
         return s, images, masks
@@ -158,24 +155,25 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
 
 
 def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows: tuple[int, int], config: ScoreConfig,
-               *, data_config=None, on_batch=None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Score rows ``[rows[0], rows[1])`` of the dataset (crops transformed by `data_config`:
-    a `gradcamo_jax.config.DataConfig` whose centre crop and binning the model was trained with).
+               *, crop_shape=None, downsample=(1, 1, 1), on_batch=None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Score rows ``[rows[0], rows[1])`` of the dataset, each crop centre-cropped to `crop_shape`
+    and binned by `downsample` as the model was trained (`DataConfig` fields of those names).
 
     Returns ``(table, cam_rows, cams)``: the part's profile table; the sampled rows of this
     part and their CAM volumes ``(M, Z, Y, X)`` float16 (M may be 0).
     """
-    mesh = _local_mesh()
+    mesh = make_mesh(jax.local_devices())
     ndev = mesh.devices.size
     batch = -(-config.batch_size // ndev) * ndev
-    sharding = NamedSharding(mesh, P("data"))
+    sharding = batch_sharding(mesh)
     sampled = cam_rows(len(cells), config.cam_sample)
     sampled = sampled[(sampled >= rows[0]) & (sampled < rows[1])]
-    fn = make_explain_fn(model, config.layer, config.method, config.layers, len(sampled) > 0, True, True)
+    fn = make_explain_fn(model, config.layer, config.method, feature_layers=config.layers,
+                         return_cam=len(sampled) > 0, with_masks=True, resize=True)
     targets = jax.device_put(np.full((batch,), -1, np.int32), sharding)
     cols: dict[str, list[np.ndarray]] = {}
     cams, cam_idx = [], []
-    for first, images, masks in _batches(store, rows[0], rows[1], batch, config.prefetch, data_config):
+    for first, images, masks in _batches(store, rows[0], rows[1], batch, config.prefetch, crop_shape, downsample):
         n = len(images)
         if not np.isfinite(images).all():
             bad = first + int(np.flatnonzero(~np.isfinite(images).reshape(n, -1).all(axis=1))[0])
@@ -248,7 +246,8 @@ def score_dataset(
     out_dir: str | os.PathLike,
     config: ScoreConfig = ScoreConfig(),
     *,
-    data_config=None,
+    crop_shape: tuple[int, int, int] | None = None,
+    downsample: tuple[int, int, int] = (1, 1, 1),
     progress: bool = True,
     max_parts: int | None = None,
 ) -> dict:
@@ -260,8 +259,9 @@ def score_dataset(
       data_dir: the cell dataset folder (tools/crop.py output).
       out_dir: profile folder (created; an interrupted run's folder resumes).
       config: `ScoreConfig`.
-      data_config: the training run's `DataConfig`: its centre crop and binning are applied
-        to every crop (and mask) before the model sees it; None = crops as stored.
+      crop_shape, downsample: the training run's centre crop ``(Z, Y, X)`` and binning
+        (``DataConfig.crop_shape``/``downsample``), applied to every crop and mask before the
+        model sees it; the defaults take crops as stored.
       progress: show a tqdm bar with cells/s.
       max_parts: stop after this many newly scored parts (tests simulate interruptions).
 
@@ -287,8 +287,8 @@ def score_dataset(
         "rows_per_shard": config.rows_per_shard,
         "cam_sample": config.cam_sample,
         "model": dataclasses.asdict(model.config),
-        "crop_shape": None if data_config is None or data_config.crop_shape is None else list(data_config.crop_shape),
-        "downsample": [1, 1, 1] if data_config is None else list(data_config.downsample),
+        "crop_shape": None if crop_shape is None else list(crop_shape),
+        "downsample": list(downsample),
         **_fingerprint(cells, variables),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,8 +303,8 @@ def score_dataset(
     t0 = time.perf_counter()
     with tqdm(total=total, unit="cell", desc="score", disable=not progress, smoothing=0.1) as bar:
         for k in todo:
-            table, idx, cams = score_part(model, variables, store, cells, bounds[k], config, data_config=data_config,
-                                             on_batch=bar.update)
+            table, idx, cams = score_part(model, variables, store, cells, bounds[k], config, crop_shape=crop_shape,
+                                          downsample=downsample, on_batch=bar.update)
             if len(idx):
                 # CAMs first: a part's parquet file is the marker that the whole part is done.
                 formats.write_arrays(out_dir / CAM_DIR / PART.format(k).replace(".parquet", ".zarr"),

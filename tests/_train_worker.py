@@ -51,7 +51,7 @@ def train_config(**overrides):
     from gradcamo_jax.config import DataConfig, ModelConfig, TrainConfig
 
     model = ModelConfig("tiny", num_classes=CLASSES, stem_stride=(1, 2, 2), conv_impl="xla", drop_path_rate=0.0)
-    data = DataConfig(batch_size=8, eval_batch_size=16, val_fraction=0.25, test_fraction=0.0, read_threads=1, prefetch=2)
+    data = DataConfig(batch_size=8, eval_batch_size=16, split_fractions=(0.75, 0.25, 0.0), read_threads=1, prefetch=2)
     base = TrainConfig(
         model=model,
         data=data,

@@ -13,6 +13,7 @@ import pytest
 
 from gradcamo_jax.config import DataConfig
 from gradcamo_jax.data import pipeline as pl
+from gradcamo_jax.data import splits
 
 
 def cell_table(wells_per_class=(4, 4, 4), cells_per_well=5, plates=("P1",)) -> pd.DataFrame:
@@ -32,7 +33,7 @@ def arrays(n, shape=(3, 8, 8, 2), seed=0):
     return images, masks
 
 
-CFG = DataConfig(batch_size=8, eval_batch_size=6, val_fraction=0.25, test_fraction=0.25, read_threads=1, prefetch=2)
+CFG = DataConfig(batch_size=8, eval_batch_size=6, split_fractions=(0.5, 0.25, 0.25), read_threads=1, prefetch=2)
 
 
 def small_dataset(cfg=CFG, **kw):
@@ -46,20 +47,20 @@ def small_dataset(cfg=CFG, **kw):
 
 def test_split_keeps_wells_whole_and_stratifies():
     cells = cell_table(wells_per_class=(4, 5, 8), plates=("P1", "P2"))
-    split = pl.split_by_well(cells, 0.25, 0.25, seed=3)
+    split = splits.split_cells(cells, (0.5, 0.25, 0.25), seed=3)
     per_well = pd.DataFrame({"w": cells.Metadata_Plate + cells.Metadata_Well, "s": split}).groupby("w")["s"].nunique()
     assert (per_well == 1).all()
     for k in range(3):
         in_k = split[cells.Metadata_Class.to_numpy() == k]
         assert {"train", "val", "test"} <= set(in_k), k  # every class is evaluated and trained
     # Deterministic per seed, different across seeds.
-    assert (pl.split_by_well(cells, 0.25, 0.25, seed=3) == split).all()
-    assert (pl.split_by_well(cells, 0.25, 0.25, seed=4) != split).any()
+    assert (splits.split_cells(cells, (0.5, 0.25, 0.25), seed=3) == split).all()
+    assert (splits.split_cells(cells, (0.5, 0.25, 0.25), seed=4) != split).any()
 
 
 def test_split_small_classes_keep_a_training_well():
     cells = cell_table(wells_per_class=(1, 2, 3))
-    split = pl.split_by_well(cells, 0.5, 0.4, seed=0)
+    split = splits.split_cells(cells, (0.1, 0.5, 0.4), seed=0)
     for k, expected in enumerate(({"train"}, {"train", "val"}, {"train", "val", "test"})):
         assert set(split[cells.Metadata_Class.to_numpy() == k]) == expected
 
@@ -67,13 +68,13 @@ def test_split_small_classes_keep_a_training_well():
 def test_stored_split_is_used_and_checked():
     cells = cell_table()
     stored = np.where(cells.Metadata_Well.str.endswith("00"), "val", "train")
-    cfg = DataConfig(use_stored_split=True)
+    cfg = DataConfig()  # split_fractions=None: the stored split
     assert (pl.cell_splits(cells.assign(Metadata_Split=stored), cfg) == stored).all()
     mixed = stored.copy()
     mixed[0] = "val" if mixed[0] == "train" else "train"  # one cell of a well in another split
     with pytest.raises(ValueError, match="more than one split"):
         pl.cell_splits(cells.assign(Metadata_Split=mixed), cfg)
-    computed = pl.cell_splits(cells.assign(Metadata_Split=stored), dataclasses.replace(cfg, use_stored_split=False))
+    computed = pl.cell_splits(cells.assign(Metadata_Split=stored), dataclasses.replace(cfg, split_fractions=(0.5, 0.25, 0.25)))
     assert not (computed == stored).all()
 
 
@@ -177,7 +178,7 @@ def test_centre_crop_and_downsample():
     image = np.arange(5 * 10 * 12 * 2, dtype=np.float32).reshape(5, 10, 12, 2)
     mask = np.zeros((5, 10, 12), np.uint8)
     mask[2, 5, 7] = 1  # crop voxel (1, 3, 4): the centre of bin (1, 1, 1)
-    out, m = pl.centre_crop_and_bin(image, mask, cfg)
+    out, m = pl.centre_crop_and_bin(image, mask, cfg.crop_shape, cfg.downsample)
     assert out.shape == (3, 3, 2, 2) and m.shape == (3, 3, 2)
     assert pl.transform_shape(image.shape, cfg) == out.shape
     crop = image[1:4, 2:8, 3:9]
@@ -194,7 +195,7 @@ def test_crop_store_source_reads_rows(tmp_path):
     # Rows of the table are not in store order: Metadata_Row maps them.
     perm = np.random.default_rng(0).permutation(len(cells))
     formats.write_cells(cells.iloc[perm].assign(Metadata_Row=perm), tmp_path)
-    data = pl.open_dataset(str(tmp_path), DataConfig(val_fraction=0.5, test_fraction=0.0))
+    data = pl.open_dataset(str(tmp_path), DataConfig(split_fractions=(0.5, 0.5, 0.0)))
     assert data.input_shape == (3, 8, 8, 5) and data.num_classes == 2
     for name, src in data.sources.items():
         for i in range(len(src)):

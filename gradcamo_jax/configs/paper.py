@@ -16,8 +16,6 @@ def get_config() -> TrainConfig:
             batch_size=32,
             eval_batch_size=64,
             crop_shape=(21, 128, 128),
-            val_fraction=0.15,
-            test_fraction=0.15,
             worker_count=4,
             read_threads=4,
             prefetch=8,

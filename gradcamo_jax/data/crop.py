@@ -38,10 +38,8 @@ joins all parts by hard-linking chunk files (no re-encoding) and adds:
 * ``Metadata_Class``: index of (Metadata_Dose, Metadata_Treatment) sorted ascending
   over the whole plate map, so the control (dose 0) is class 0 and doses follow in
   increasing order; ``Metadata_ClassName`` = "<treatment>@<dose>";
-* ``Metadata_Split``: "train"/"val"/"test" by well, never mixed within a well:
-  within each class the wells (plate, well) are shuffled with `split_seed` and
-  cut by `split_fractions`, with at least one val and one test well when a class
-  has ≥ 3 wells (2 wells: train + val; 1 well: train).
+* ``Metadata_Split``: "train"/"val"/"test" by well, never mixed within a well, by the
+  rule of `gradcamo_jax.data.splits` with `split_fractions` and `split_seed`.
 
 Cell table columns: every plate-map ``Metadata_*``, ``FileName_Image``,
 ``FileName_Labels``, ``Metadata_SiteId``, ``Metadata_ObjectNumber`` (label id),
@@ -67,11 +65,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from gradcamo_jax.data import formats, shards
+from gradcamo_jax.data import formats, shards, splits
+from gradcamo_jax.data.splits import SPLITS
 
 PARTS_DIR = "parts"
 SUMMARY_FILE = "summary.json"
-SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +124,7 @@ class CropConfig:
             raise ValueError(f"percentiles must satisfy 0 ≤ low < high ≤ 100, got {self.percentiles}")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype}")
-        if abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
-            raise ValueError(f"split_fractions must be ≥ 0 and sum to 1, got {self.split_fractions}")
+        splits.check_fractions(self.split_fractions, "CropConfig.split_fractions")
 
     def crop_settings(self) -> dict:
         """The settings that change crop content (must agree across the parts of one dataset)."""
@@ -397,30 +394,13 @@ def assign_classes(plate_map: pd.DataFrame) -> dict[tuple[str, float], int]:
 
 
 def assign_splits(plate_map: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[tuple[str, str], str]:
-    """(plate, well) → "train" / "val" / "test", stratified by class, whole wells only."""
+    """(plate, well) → "train" / "val" / "test" for every well of the plate map (`splits.split_wells`
+    over the wells' classes from `assign_classes`)."""
     classes = assign_classes(plate_map)
     wells = plate_map.drop_duplicates(["Metadata_Plate", "Metadata_Well"])
-    out: dict[tuple[str, str], str] = {}
-    for k in sorted(set(classes.values())):
-        in_k = [(p, w) for p, w, t, d in zip(wells["Metadata_Plate"], wells["Metadata_Well"],
-                                              wells["Metadata_Treatment"], wells["Metadata_Dose"])
-                if classes[(str(t), float(d))] == k]
-        in_k = sorted(in_k)
-        order = np.random.default_rng([seed, k]).permutation(len(in_k))
-        n = len(in_k)
-        n_val = int(round(fractions[1] * n))
-        n_test = int(round(fractions[2] * n))
-        if n >= 3:
-            n_val, n_test = max(n_val, 1 if fractions[1] > 0 else 0), max(n_test, 1 if fractions[2] > 0 else 0)
-        elif n == 2:
-            n_val, n_test = (1 if fractions[1] > 0 else 0), 0
-        else:
-            n_val = n_test = 0
-        n_train = max(n - n_val - n_test, 0)
-        names = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
-        for i, name in zip(order, names):
-            out[in_k[i]] = name
-    return out
+    well_classes = {(p, w): classes[(str(t), float(d))] for p, w, t, d in
+                    zip(wells["Metadata_Plate"], wells["Metadata_Well"], wells["Metadata_Treatment"], wells["Metadata_Dose"])}
+    return splits.split_wells(well_classes, fractions, seed)
 
 
 def merge(
@@ -455,12 +435,12 @@ def merge(
     tables = [formats.read_cells(parts / s) for s in sids]
     cells = pd.concat([t for t in tables if len(t)] or tables[:1], ignore_index=True)
     classes = assign_classes(pm)
-    splits = assign_splits(pm, config.split_fractions, config.split_seed)
+    well_split = assign_splits(pm, config.split_fractions, config.split_seed)
     cells["Metadata_Class"] = [classes[(str(t), float(d))] for t, d in
                                zip(cells["Metadata_Treatment"], cells["Metadata_Dose"])]
     names = {k: f"{t}@{d:g}" for (t, d), k in classes.items()}
     cells["Metadata_ClassName"] = cells["Metadata_Class"].map(names)
-    cells["Metadata_Split"] = [splits[(str(p), str(w))] for p, w in zip(cells["Metadata_Plate"], cells["Metadata_Well"])]
+    cells["Metadata_Split"] = [well_split[(str(p), str(w))] for p, w in zip(cells["Metadata_Plate"], cells["Metadata_Well"])]
     cells["Metadata_Row"] = np.arange(len(cells), dtype=np.int64)
     attrs = {"channels": settings["channels"], **settings,
              "classes": [names[k] for k in sorted(names)], "mask_codes": {"background": 0, "central": 1, "other": 2}}

@@ -670,12 +670,6 @@ def crop_store_writer(
         yield _CropWriter(image, mask)
 
 
-def crop_store_info(path: str | os.PathLike) -> dict:
-    """Shapes, dtype and attributes of a crop store, without reading chunks."""
-    store = CropStore(path)
-    return {"n": len(store), "image_shape": store.image.shape, "dtype": str(store.image.dtype), "attrs": store.attrs}
-
-
 def link_crop_stores(
     parts: Sequence[str | os.PathLike],
     path: str | os.PathLike,

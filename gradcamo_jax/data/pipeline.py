@@ -31,9 +31,8 @@ import numpy as np
 import pandas as pd
 
 from gradcamo_jax.config import DataConfig
-
-SPLITS = ("train", "val", "test")
-WELL_KEYS = ("Metadata_Plate", "Metadata_Well")
+from gradcamo_jax.data import splits
+from gradcamo_jax.data.splits import SPLITS
 
 
 class CellSource(Protocol):
@@ -130,58 +129,18 @@ class CropStoreSource:
 # ----------------------------------------------------------------------------- split by well
 
 
-def split_by_well(cells: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """Assign every cell to "train", "val" or "test" so that a well lies in exactly one split.
-
-    Stratified by class: each class's wells (a well's class is its most frequent
-    ``Metadata_Class``) are permuted with `seed` and the first ``round(f * n)`` go to
-    val, the next to test; a class with ≥ 2 wells keeps ≥ 1 training well and gets ≥ 1
-    validation well when ``val_fraction > 0`` (likewise test with ≥ 3 wells).
-
-    Returns: ``(len(cells),)`` array of split names, aligned with `cells`' rows.
-    """
-    _require_columns(cells, (*WELL_KEYS, "Metadata_Class"))
-    wells = cells.groupby(list(WELL_KEYS), sort=True)["Metadata_Class"].agg(lambda s: s.mode().iloc[0])
-    rng = np.random.default_rng(seed)
-    assignment: dict[tuple, str] = {}
-    for cls in sorted(wells.unique()):
-        keys = list(wells.index[wells == cls])
-        keys = [keys[i] for i in rng.permutation(len(keys))]
-        n = len(keys)
-        want_test = int(test_fraction > 0 and n >= 3)
-        n_val = min(_held_out(n, val_fraction, minimum_wells=2), n - 1 - want_test)
-        n_test = min(_held_out(n, test_fraction, minimum_wells=3), n - 1 - n_val)
-        for j, key in enumerate(keys):
-            assignment[key] = "val" if j < n_val else "test" if j < n_val + n_test else "train"
-    return np.array([assignment[k] for k in zip(*(cells[c] for c in WELL_KEYS))], dtype=object)
-
-
-def _held_out(n: int, fraction: float, minimum_wells: int) -> int:
-    if fraction <= 0 or n < minimum_wells:
-        return 0
-    return int(min(max(1, round(fraction * n)), n - 1))
-
-
-def check_split(cells: pd.DataFrame, split: np.ndarray) -> None:
-    """ValueError naming the wells that appear in more than one split, or unknown split names."""
-    bad_names = sorted(set(split) - set(SPLITS))
-    if bad_names:
-        raise ValueError(f"unknown split names {bad_names}; expected {SPLITS}")
-    per_well = pd.DataFrame({**{k: cells[k].to_numpy() for k in WELL_KEYS}, "split": split})
-    n_splits = per_well.groupby(list(WELL_KEYS))["split"].nunique()
-    mixed = n_splits[n_splits > 1]
-    if len(mixed):
-        raise ValueError(f"wells in more than one split (cells of a well must share a split): {list(mixed.index)[:10]}")
-
-
 def cell_splits(cells: pd.DataFrame, config: DataConfig) -> np.ndarray:
-    """Split name per cell: the stored ``Metadata_Split`` if present and wanted, else `split_by_well`.
-    Either way it is checked with `check_split`."""
-    if config.use_stored_split and "Metadata_Split" in cells.columns:
+    """Split name per cell ``(len(cells),)``, checked with `splits.check_split`.
+
+    ``config.split_fractions`` None: the stored ``Metadata_Split`` (written by the crop step),
+    or, for a table without one, `splits.split_cells` with the default fractions. Set: the
+    cells are split anew by well with those fractions and ``config.split_seed``, overriding a
+    stored split."""
+    if config.split_fractions is None and "Metadata_Split" in cells.columns:
         split = cells["Metadata_Split"].astype(str).to_numpy(dtype=object)
     else:
-        split = split_by_well(cells, config.val_fraction, config.test_fraction, config.split_seed)
-    check_split(cells, split)
+        split = splits.split_cells(cells, config.split_fractions or splits.DEFAULT_FRACTIONS, config.split_seed)
+    splits.check_split(cells, split)
     return split
 
 
@@ -255,17 +214,19 @@ def transform_shape(shape: tuple[int, ...], config: DataConfig) -> tuple[int, ..
     return (*(s // d for s, d in zip(spatial, config.downsample)), shape[3])
 
 
-def centre_crop_and_bin(image: np.ndarray, mask: np.ndarray, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Centre crop to ``config.crop_shape`` then mean-pool by ``config.downsample``.
+def centre_crop_and_bin(image: np.ndarray, mask: np.ndarray, crop_shape: tuple[int, int, int] | None = None,
+                        downsample: tuple[int, int, int] = (1, 1, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """Centre crop to `crop_shape` ``(Z, Y, X)`` (None: whole) then mean-pool by `downsample`
+    (the `DataConfig` fields of the same names).
 
     image ``(Z, Y, X, C)``, mask ``(Z, Y, X)`` → the same axes, smaller. The mask takes the
     value at each bin's centre (codes must stay codes, so no averaging)."""
-    if config.crop_shape is not None:
-        sl = tuple(slice((n - min(c, n)) // 2, (n - min(c, n)) // 2 + min(c, n)) for n, c in zip(mask.shape, config.crop_shape))
+    if crop_shape is not None:
+        sl = tuple(slice((n - min(c, n)) // 2, (n - min(c, n)) // 2 + min(c, n)) for n, c in zip(mask.shape, crop_shape))
         image, mask = image[sl], mask[sl]
-    if config.downsample != (1, 1, 1):
-        fz, fy, fx = config.downsample
-        z, y, x = (n // f for n, f in zip(mask.shape, config.downsample))
+    if tuple(downsample) != (1, 1, 1):
+        fz, fy, fx = downsample
+        z, y, x = (n // f for n, f in zip(mask.shape, downsample))
         image = image[: z * fz, : y * fy, : x * fx]
         image = image.reshape(z, fz, y, fy, x, fx, -1).mean(axis=(1, 3, 5), dtype=np.float32)
         mask = mask[fz // 2 :: fz, fy // 2 :: fy, fx // 2 :: fx][:z, :y, :x]
@@ -324,7 +285,7 @@ class _LoadTrain:
 
     def __call__(self, g: int) -> dict[str, Any]:
         ex = self.source[int(self.order[g])]
-        image, mask = centre_crop_and_bin(ex["image"], ex["mask"], self.config)
+        image, mask = centre_crop_and_bin(ex["image"], ex["mask"], self.config.crop_shape, self.config.downsample)
         image, mask = augment(image, mask, np.random.default_rng((self.seed, int(g))), self.config)
         return {**ex, "image": image, "mask": mask, "valid": np.bool_(True)}
 
@@ -339,7 +300,7 @@ class _LoadEval:
     def __call__(self, g: int) -> dict[str, Any]:
         g = int(g)
         ex = self.source[min(g, len(self.source) - 1)]
-        image, mask = centre_crop_and_bin(ex["image"], ex["mask"], self.config)
+        image, mask = centre_crop_and_bin(ex["image"], ex["mask"], self.config.crop_shape, self.config.downsample)
         if g >= len(self.source):
             return {"image": np.zeros_like(image), "mask": np.zeros_like(mask), "label": np.int32(0),
                     "index": np.int64(-1), "valid": np.bool_(False)}
