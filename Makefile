@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # fault per 4 KiB (B0 forward 1.38x faster here; see gradcamo_jax/runtime.py). No-op off glibc.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: venv test test-fast demo benchmark clean
+.PHONY: venv lint test test-fast demo benchmark clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

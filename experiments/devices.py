@@ -33,9 +33,8 @@ def child(args) -> dict:
     import jax
     import numpy as np
 
-    from gradcamo_jax import ModelConfig
+    from gradcamo_jax import ModelConfig, sharding, train
     from gradcamo_jax.config import TrainConfig
-    from gradcamo_jax import sharding, train
 
     devices = jax.devices()[: args.count]
     if len(devices) < args.count:

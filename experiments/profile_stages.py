@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradcamo_jax import EfficientNet, ModelConfig, STAGE_NAMES, calibrate_batch_stats, init
+from gradcamo_jax import STAGE_NAMES, EfficientNet, ModelConfig, calibrate_batch_stats, init
 
 
 def _time(fn, repeats: int) -> float:
@@ -120,20 +120,20 @@ def main(argv=None) -> dict:
     for name in STAGE_NAMES:
         fn = jax.jit(lambda v, a, name=name: model.apply(v, a, upto=name, method="features")[name])
         flops = _flops(fn, variables, x)
-        t = _time(lambda: fn(variables, x).block_until_ready(), args.repeats)
+        t = _time(lambda fn=fn: fn(variables, x).block_until_ready(), args.repeats)
         shape = tuple(fn(variables, x).shape[1:])
         dt, df = max(t - prev_t, 0.0), flops - prev_f
         # Compiled once: timed, profiled, and run to give the next stage its input.
         alone = jax.jit(lambda v, a, name=name: model.apply(v, a, method=lambda m, a: getattr(m, name)(a)))
         alone = alone.lower(variables, h).compile()
-        t_alone = _time(lambda: alone(variables, h).block_until_ready(), args.repeats)
+        t_alone = _time(lambda alone=alone, h=h: alone(variables, h).block_until_ready(), args.repeats)
         rows.append({"stage": name, "output_shape": shape, "cumulative_s": t, "stage_s": dt, "alone_s": t_alone,
                      "stage_gflop": df / 1e9, "stage_gflops_per_s": df / dt / 1e9 if dt > 0 else float("nan")})
         print(f"  {name:7s} out {str(shape):22s} {dt * 1e3:8.1f} ms  alone {t_alone * 1e3:6.1f} ms  {df / 1e9:7.2f} GFLOP  "
               f"{rows[-1]['stage_gflops_per_s']:7.1f} GFLOP/s  (cumulative {t:.3f} s)", flush=True)
         if args.ops:
             sources = op_sources(alone.as_text())
-            rows[-1]["ops"] = top_ops(lambda: alone(variables, h).block_until_ready(), args.ops, sources=sources)
+            rows[-1]["ops"] = top_ops(lambda alone=alone, h=h: alone(variables, h).block_until_ready(), args.ops, sources=sources)
             for o in rows[-1]["ops"]:
                 print(f"            {o['ms_per_call']:7.2f} ms  ×{o['count_per_call']:<4g} {o['op']:30s} {o['source']}", flush=True)
         h = alone(variables, h)

@@ -62,7 +62,8 @@ class Config:
         return tuple(dict.fromkeys(layer for layer, _ in self.runs))
 
 
-QUICK = Config(runs=(("stage2", 0.0), ("stage2", 1.0), ("stage2", 4.0), ("stem", 4.0)), seeds=(0, 1), steps=200, plate=study.PlateSpec(wells_per_dose=8, sites_per_well=2))
+QUICK = Config(runs=(("stage2", 0.0), ("stage2", 1.0), ("stage2", 4.0), ("stem", 4.0)), seeds=(0, 1), steps=200,
+               plate=study.PlateSpec(wells_per_dose=8, sites_per_well=2))
 
 
 def run_one(work: Path, weight: float, layer: str, seed: int, config: Config, log) -> dict:

@@ -63,8 +63,8 @@ def _model(variant: str, crop, channels):
 def child_score(args) -> dict:
     """Runs in a subprocess: score one store, report time and peak RSS."""
     from gradcamo_jax.data import formats
-    from gradcamo_jax.scoring import ScoreConfig, score_dataset
     from gradcamo_jax.runtime import peak_rss_mb
+    from gradcamo_jax.scoring import ScoreConfig, score_dataset
 
     crop = tuple(args.crop)
     model, variables = _model(args.variant, crop, args.channels)

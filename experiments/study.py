@@ -114,10 +114,9 @@ def make_dataset(root: Path, signal, seed: int, plate: PlateSpec) -> Path:
 
 def train_model(data: Path, workdir: Path, config: TrainConfig) -> tuple[TrainConfig, dict, dict]:
     """Train (or resume/reuse) a run; returns ``(config, variables of the last step, timings)``."""
+    from gradcamo_jax.config import config_to_dict
     from gradcamo_jax.data import formats
     from gradcamo_jax.train import load_checkpoint, train_and_evaluate
-
-    from gradcamo_jax.config import config_to_dict
 
     done = workdir / "trained.json"
     if done.exists() and json.loads(done.read_text()).get("config") != json.loads(json.dumps(config_to_dict(config))):

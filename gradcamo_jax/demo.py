@@ -116,8 +116,8 @@ def run_plate(signal: str, strength: float, out_dir: Path, config: DemoConfig, p
     """One plate through every stage; returns its headline numbers and stage timings."""
     from gradcamo_jax import EfficientNet
     from gradcamo_jax.data import crop, synthetic
-    from gradcamo_jax.scoring import ScoreConfig, score_dataset
     from gradcamo_jax.report import headline, make_report
+    from gradcamo_jax.scoring import ScoreConfig, score_dataset
     from gradcamo_jax.train import load_checkpoint, train_and_evaluate
 
     times = {}

@@ -193,7 +193,7 @@ def _composite(image_yxc: np.ndarray, channels: Sequence[str]) -> np.ndarray:
     pick = {"r": ("MITO", "RNA"), "g": ("AGP", "ER"), "b": ("DNA",)}
     c = image_yxc.shape[-1]
     out = np.zeros((*image_yxc.shape[:2], 3))
-    for k, (key, wanted) in enumerate(pick.items()):
+    for k, wanted in enumerate(pick.values()):
         idx = next((names.index(w) for w in wanted if w in names), min(k, c - 1))
         ch = image_yxc[..., idx].astype(np.float64)
         lo, hi = np.percentile(ch, [1, 99.5])

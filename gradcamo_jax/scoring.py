@@ -44,7 +44,6 @@ import jax
 import numpy as np
 import pandas as pd
 
-
 from gradcamo_jax.cam import make_explain_fn
 from gradcamo_jax.config import ModelConfig
 from gradcamo_jax.data import formats

@@ -376,7 +376,11 @@ def checkpoint_manager(workdir: str | os.PathLike, config: TrainConfig | None = 
 
 
 def _abstract(tree, sharding_: jax.sharding.Sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, sharding=sharding_), tree)
+    def leaf(x):
+        dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+        return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sharding_)
+
+    return jax.tree.map(leaf, tree)
 
 
 def best_step(manager) -> int | None:
@@ -470,10 +474,10 @@ def train_and_evaluate(
       "steps_per_second", "cells_per_second"}`` — rates over the steps this call ran,
       after the first (compilation).
     """
+    import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
     from gradcamo_jax.data import pipeline
-    import orbax.checkpoint as ocp
 
     workdir = Path(workdir)
     is_main = jax.process_index() == 0

@@ -132,7 +132,7 @@ def test_batched_vjp_equals_per_cell_gradients_in_float64(tiny3d, x64):
         y_i = model.apply(v64, a_i, "stage3", method="forward_from")[0][0]
         want_t = int(targets[i]) if targets[i] >= 0 else int(np.argmax(np.asarray(y_i)))
         assert int(t[i]) == want_t
-        g_i = jax.grad(lambda act: model.apply(v64, act, "stage3", method="forward_from")[0][0, want_t])(a_i)
+        g_i = jax.grad(lambda act, t=want_t: model.apply(v64, act, "stage3", method="forward_from")[0][0, t])(a_i)
         np.testing.assert_allclose(np.asarray(logits[i]), np.asarray(y_i), rtol=1e-12)
         np.testing.assert_allclose(np.asarray(g[i]), np.asarray(g_i[0]), rtol=1e-10, atol=1e-14 * float(jnp.abs(g_i).max()))
         assert float(jnp.abs(g_i).max()) > 0

@@ -183,8 +183,8 @@ def test_output_phases_match_dilated_lax_conv(monkeypatch, x64):
         tried += 1
         x = jnp.asarray(rng.normal(size=(2, *n, 3)))
         w = jnp.asarray(rng.normal(size=(*k, 3)))
-        y, vjp = jax.vjp(lambda a, b: convlib._depthwise_general(a, b, strides, pads), x, w)
-        y_ref, vjp_ref = jax.vjp(lambda a, b: _dilated_reference(a, b, strides, pads), x, w)
+        y, vjp = jax.vjp(lambda a, b, s=strides, p=pads: convlib._depthwise_general(a, b, s, p), x, w)
+        y_ref, vjp_ref = jax.vjp(lambda a, b, s=strides, p=pads: _dilated_reference(a, b, s, p), x, w)
         assert y.shape == y_ref.shape, (n, k, strides, pads)
         np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10, err_msg=str((n, k, strides, pads)))
         ct = jnp.asarray(rng.normal(size=y.shape))
@@ -263,8 +263,8 @@ def test_blocked_depthwise_kernel_gradient_covers_every_row(monkeypatch):
         plan = convlib._plan_blocks(out, 24 * 4)
         assert plan.count > 1 and (plan.count * plan.rows) % out[plan.axis] != 0, plan
         ct = jnp.asarray(rng.normal(size=(1, *out, 24)), jnp.float32)
-        _, vjp = jax.vjp(lambda b: ours(x, b, strides, True), w)
-        _, vjp_ref = jax.vjp(lambda b: reference(x, b, strides, True), w)
+        _, vjp = jax.vjp(lambda b, s=strides: ours(x, b, s, True), w)
+        _, vjp_ref = jax.vjp(lambda b, s=strides: reference(x, b, s, True), w)
         (got,), (want,) = vjp(ct), vjp_ref(ct)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
     jax.clear_caches()

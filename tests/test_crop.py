@@ -29,9 +29,9 @@ def test_normalize_matches_np_percentile():
     x = rng.gamma(2.0, 100.0, (4, 3, 10, 12)).astype(np.float32)
     out, lo, hi = C.normalize(x, (1.0, 99.8))
     for c in range(3):
-        l, h = np.percentile(x[:, c], [1.0, 99.8])
-        np.testing.assert_allclose([lo[c], hi[c]], [l, h], rtol=1e-6)
-        np.testing.assert_allclose(out[:, c], (x[:, c] - l) / (h - l), rtol=1e-5, atol=1e-6)
+        p_lo, p_hi = np.percentile(x[:, c], [1.0, 99.8])
+        np.testing.assert_allclose([lo[c], hi[c]], [p_lo, p_hi], rtol=1e-6)
+        np.testing.assert_allclose(out[:, c], (x[:, c] - p_lo) / (p_hi - p_lo), rtol=1e-5, atol=1e-6)
     assert out.max() > 1  # not clipped by default
     clipped, _, _ = C.normalize(x, (1.0, 99.8), clip=True)
     assert clipped.min() == 0 and clipped.max() == 1

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from experiments import confounders
-from experiments import study
+from experiments import confounders, study
 
 
 def _table(rng, mode, seed, scores, marked=None):

@@ -220,7 +220,7 @@ def test_crop_store_indexing_pickling_and_linking(tmp_path):
     np.testing.assert_array_equal(s.mask[2:5], ref_m[2:5])
     s2 = pickle.loads(pickle.dumps(s))
     np.testing.assert_array_equal(s2.mask[[1, 4]], ref_m[[1, 4]])
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="read-only"):
         s.image.zarr[0] = 0  # read-only
     with pytest.raises(ValueError, match="differs"):
         F.write_crop_store(tmp_path / "c.zarr", im[:, :1], m[:, :1])

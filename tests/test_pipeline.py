@@ -21,7 +21,7 @@ def cell_table(wells_per_class=(4, 4, 4), cells_per_well=5, plates=("P1",)) -> p
     for plate in plates:
         for k, n_wells in enumerate(wells_per_class):
             for w in range(n_wells):
-                for c in range(cells_per_well):
+                for _ in range(cells_per_well):
                     rows.append({"Metadata_Plate": plate, "Metadata_Well": f"{chr(65 + k)}{w:02d}", "Metadata_Class": k})
     return pd.DataFrame(rows)
 
@@ -197,7 +197,7 @@ def test_crop_store_source_reads_rows(tmp_path):
     formats.write_cells(cells.iloc[perm].assign(Metadata_Row=perm), tmp_path)
     data = pl.open_dataset(str(tmp_path), DataConfig(split_fractions=(0.5, 0.5, 0.0)))
     assert data.input_shape == (3, 8, 8, 5) and data.num_classes == 2
-    for name, src in data.sources.items():
+    for src in data.sources.values():
         for i in range(len(src)):
             ex = src[i]
             np.testing.assert_allclose(ex["image"], images[ex["index"]], atol=1e-2)  # float16 store

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradcamo_jax import EfficientNet, ModelConfig, explain
+from gradcamo_jax import EfficientNet, explain
 from gradcamo_jax.cam import soft_gradcamo
 from gradcamo_jax.config import DataConfig, TrainConfig
 from gradcamo_jax.train import create_state, learning_rate_schedule, make_optimizer, train_step

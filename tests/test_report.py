@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import blob_masks
+
 from gradcamo_jax.data import formats
-from gradcamo_jax.scoring import MANIFEST, PART
 from gradcamo_jax.report import ReportConfig, headline, make_report, pick_examples
+from gradcamo_jax.scoring import MANIFEST, PART
 
 SPATIAL = (5, 24, 24)
 

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import blob_masks
+
 from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, explain, gradcamo, init
 from gradcamo_jax.data import formats
 from gradcamo_jax.scoring import PART, ScoreConfig, cam_rows, read_cams, read_profiles, score_dataset

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from _tools import load_tool
 
 from gradcamo_jax.data import formats
@@ -223,7 +222,7 @@ def test_resolve_model(tmp_path):
 def _tiny_plate(root: Path, stacks: dict[str, np.ndarray], truth: dict[str, np.ndarray] | None = None) -> Path:
     """A plate map with one site per entry of ``stacks`` (well name -> (Z, 5, Y, X) stack)."""
     rows = []
-    for i, (well, stack) in enumerate(stacks.items()):
+    for well, stack in stacks.items():
         img = formats.write_stack(root / f"{well}.tiff", stack, formats.CHANNELS)
         row = {"Metadata_Plate": "P1", "Metadata_Well": well, "Metadata_Site": 1, "Metadata_Treatment": "ctrl",
                "Metadata_Dose": 0.0, "FileName_Image": img.name}

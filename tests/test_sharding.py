@@ -11,9 +11,9 @@ import socket
 import jax
 import numpy as np
 import pytest
+from _subproc import assert_params_close, load_params, run_worker, start_worker, worker_env
 from jax.sharding import AxisType
 
-from _subproc import assert_params_close, load_params, run_worker, start_worker, worker_env
 from gradcamo_jax import sharding
 
 # Float32 sums over 8 shards vs 1 reorder additions; a few steps of AdamW keep that at ~1e-6.

@@ -90,14 +90,13 @@ def test_bad_input_errors():
 
 
 def table(seed=0):
-    rng = np.random.default_rng(seed)
     rows = []
-    for plate, offset in (("P1", 0.0), ("P2", 4.0)):
+    for plate in ("P1", "P2"):
         for dose in (0.0, 0.0, 1.6, 8.0):
             for _ in range(40):
                 rows.append({"Metadata_Plate": plate, "Metadata_Dose": dose})
     df = pd.DataFrame(rows)
-    feats = correlated(len(df), 5, seed=seed) + df["Metadata_Plate"].map({"P1": 0.0, "P2": 4.0}).to_numpy()[:, None]
+    feats = correlated(len(df), 5, seed=seed) + df["Metadata_Plate"].map({"P1": 0.0, "P2": 4.0})  # a plate shift.to_numpy()[:, None]
     for i in range(5):
         df[f"f{i}"] = feats[:, i]
     return df

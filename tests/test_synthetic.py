@@ -135,7 +135,7 @@ def test_site_mode_is_a_field_wide_batch_effect():
     assert c5 > c0 + 0.2
     # Defocus: weaker edges in the DNA channel (gradients of a lightly smoothed image, so
     # shot noise does not dominate).
-    edges = lambda s: np.abs(np.diff(ndimage.gaussian_filter(s[:, CH["DNA"]].astype(float), (0, 1, 1)), axis=-1)).mean()  # noqa: E731,E501
+    edges = lambda s: np.abs(np.diff(ndimage.gaussian_filter(s[:, CH["DNA"]].astype(float), (0, 1, 1)), axis=-1)).mean()  # noqa: E731
     assert edges(s5) < 0.8 * edges(s0)
     assert nuclei.any()
 

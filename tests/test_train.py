@@ -13,10 +13,10 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from _subproc import load_params, run_worker, start_worker, worker_env
+
 from gradcamo_jax import train
-from gradcamo_jax.config import DataConfig, ModelConfig, TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_preset
+from gradcamo_jax.config import ModelConfig, TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_preset
 
 
 @pytest.fixture(scope="module")

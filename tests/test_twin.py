@@ -409,7 +409,7 @@ def test_monai_gradcam_matches_per_class():
     upsampler and the default normaliser, which maps (min, max) to (1, 0))."""
     try:
         from monai.visualize import GradCAM as MonaiGradCAM
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.skip(f"monai.visualize.GradCAM does not import: {type(exc).__name__}: {exc}")
     p = get_pair("tiny3d")
     layer = "stage4"

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/crop.py", description=__doc__.splitlines()[0])
     p.add_argument("plate_map", help="plate map (CSV or Parquet)")
     p.add_argument("--out", required=True, help="dataset folder (parts/, then cells.parquet + crops.zarr)")
-    p.add_argument("--labels-dir", default=None, help="folder of <site id>_labels.tiff label volumes, e.g. tools/segment.py's OUT/labels (default: FileName_Labels)")
+    p.add_argument("--labels-dir", default=None,
+                   help="folder of <site id>_labels.tiff label volumes, e.g. tools/segment.py's OUT/labels "
+                   "(default: FileName_Labels)")
     p.add_argument("--crop", type=_ints, default=(21, 128, 128), help="crop size Z,Y,X (default 21,128,128)")
     p.add_argument("--percentiles", type=_floats, default=(1.0, 99.8), help="normalisation percentiles LOW,HIGH")
     p.add_argument("--clip", action="store_true", help="clip normalised intensities to [0, 1]")

@@ -49,7 +49,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -678,7 +677,8 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--flow-threshold", type=float, default=d.flow_threshold)
     r.add_argument("--cellprob-threshold", type=float, default=d.cellprob_threshold)
     r.add_argument("--min-size", type=int, default=d.min_size)
-    r.add_argument("--cap-max-slices", type=int, default=d.cap_max_slices, help=f"end caps to merge are at most this thick; 0 = off [{d.cap_max_slices}]")
+    r.add_argument("--cap-max-slices", type=int, default=d.cap_max_slices,
+                   help=f"end caps to merge are at most this thick; 0 = off [{d.cap_max_slices}]")
     r.add_argument("--cap-overlap", type=float, default=d.cap_overlap, help=f"end-face coverage needed to merge a cap [{d.cap_overlap}]")
     r.add_argument("--min-contrast", type=float, default=d.min_contrast,
                    help=f"drop objects fainter than this many background SDs above background; 0 = off [{d.min_contrast}]")

@@ -57,9 +57,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -45,7 +45,6 @@ no timestamps, so the same config writes byte-identical files.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -285,7 +284,7 @@ def render_labels(config: SynthConfig, cells: dict[str, np.ndarray], wobble: np.
         hi = np.minimum(np.ceil(c + 1.3 * r).astype(int) + 1, shape)
         if np.any(hi <= lo):
             continue
-        sl = tuple(slice(l, h) for l, h in zip(lo, hi))
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
         z, y, x = np.ogrid[sl]
         dz, dy, dx = (z - c[0]) / r[0], y - c[1], x - c[2]
         u = (np.cos(a) * dy + np.sin(a) * dx) / r[1]
