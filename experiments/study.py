@@ -1,8 +1,8 @@
 """Shared steps of the synthetic studies (`confounders.py`, `regularizer.py`).
 
 A study plate is the `demo` synthetic preset with three classes (control and two doses),
-cropped tightly around each cell (5×32×32 voxels, the cell ≈ 30 % of the crop's volume)
-so that attention on the cell of interest and attention elsewhere can be told apart at
+cropped tightly around each cell (5×32×32 voxels, of which the cell fills a measured
+share: experiments/README.md, 'Measurements behind default settings') so that attention on the cell of interest and attention elsewhere can be told apart at
 the resolution of an intermediate CAM layer. Every step caches its output under the
 study folder, so an interrupted study rerun with the same arguments continues.
 """
@@ -35,14 +35,14 @@ class PlateSpec:
       split_fractions: (train, val, test) fractions of each class's wells.
       cell_gain: `SynthConfig.cell_gain`. 0 here: a dose-dependent in-cell *gain* does not
         stay in the cell. Per-site percentile normalisation maps the brightest voxels (cells)
-        to 1, so a brighter cell plate gets a relatively darker background, which a model
-        reads (measured: Mito background 0.045 → 0.037 from control to top dose, and the
-        "cell" model put 56 % of its attention on background). The cell signal is then
+        to 1, so a brighter cell plate gets a relatively darker background with dose, which
+        a "cell" model reads, putting much of its attention on background (experiments/README.md,
+        'Measurements behind default settings'). The cell signal is then
         the ER spread, Mito puncta and nucleus size, which normalisation does not move.
       background_level: `SynthConfig.background_level`. The default 0.6 makes the
         background speckles the brightest voxels of the RNA channel, so normalisation
-        dims the cells with dose (measured: in-cell RNA 0.48 → 0.21) and a "background"
-        model can read the dose from the cells; at 0.25 the cells' percentiles are unmoved.
+        dims the cells with dose (same section) and a "background" model can read the dose
+        from the cells; at 0.25 the cells' percentiles are unmoved.
     """
 
     preset: str = "demo"
@@ -79,7 +79,8 @@ def train_config(plate: PlateSpec, steps: int, seed: int, **overrides) -> TrainC
 
 def enable_compile_cache(path: Path) -> None:
     """Persist XLA compilations under `path`: every run of a study compiles the same train
-    step, so all runs after the first load it (measured on 2 CPU cores: ≈ 30 s saved per run)."""
+    step, so all runs after the first load it instead of compiling again (saving per run:
+    BENCHMARKS.md, 'Measurements behind code choices', experiments/study.py)."""
     import jax
 
     path.mkdir(parents=True, exist_ok=True)

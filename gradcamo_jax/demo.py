@@ -54,20 +54,21 @@ class DemoConfig:
         plate (dose in the cells' morphology) and the confounded one (dose in a per-site
         imaging artefact: illumination tilt, DNA → ER bleed-through and defocus that grow
         with dose). The site confounder is the one Grad-CAMO exposed most clearly in
-        experiments/confounders.py (AUROC 0.86 against the cell model with LayerCAM at the
-        stem); a background-texture plate was not told apart reliably (0.62).
+        experiments/confounders.py (LayerCAM at the stem); a background-texture plate was
+        not told apart reliably (AUROCs: experiments/README.md, 'Measurements behind default
+        settings', demo.py).
       doses: treated doses (control added); None keeps the preset's. Two doses (three
-        classes) let the tiny model learn the cell plate in 300 steps (held-out accuracy
-        0.68 in the study, against 0.37 with the preset's six classes).
+        classes) let the tiny model learn the cell plate in 300 steps; with the preset's six
+        classes its held-out accuracy was much lower (both accuracies: same section).
       cell_gain, background_level: `synthetic.SynthConfig` fields of every plate. With the
         synthetic defaults (gain 1, level 0.6) per-site percentile normalisation moves a
         signal from where it was planted: brighter treated cells make the normalised
         background darker, and bright background speckles dim the normalised cells
-        (measured in experiments/study.py: in-cell RNA 0.48 → 0.21 from control to top dose
-        on a background plate). At gain 0 the cell signal is morphology and texture (ER
+        (measured for experiments/study.py on a background plate; same section). At gain 0 the cell signal is morphology and texture (ER
         spread, Mito puncta, nucleus size), which normalisation leaves in the cell.
       wells_per_dose: wells per dose (3 gives one train, one validation and one test well).
-      crop_size: stored crop (Z, Y, X); 5×32×32 puts ≈ 22 % of the crop on the cell.
+      crop_size: stored crop (Z, Y, X); 5×32×32 is tight around the cell (the cell's measured
+        share of the crop, Grad-CAMO's chance level: same section).
       train: the training run (model, input transform, steps).
       layer: the layer the CAM explains: "stem" (5×16×16 on the 5×32×32 input) was the most
         discriminative layer in experiments/confounders.py; "stage4" and later are 2×2×2,

@@ -2,11 +2,12 @@
 
 Why. XLA:CPU allocates each execution's intermediate buffers afresh, and glibc serves
 large allocations with new ``mmap`` pages, so every first write to an activation costs
-one page fault per 4 KiB. Measured on 2 AVX-512 cores: EfficientNet-B0's forward on 8
-crops of 5×21×128×128 faulted in 324 MB per call and took 407 ms; with glibc's malloc
-backed by transparent huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, glibc ≥
-2.35, kernel THP in "madvise" or "always" mode) it faulted in ~1 MB and took 295 ms.
-Numbers are unchanged: only where memory comes from changes.
+one page fault per 4 KiB. EfficientNet-B0's forward on 8 crops of 5×21×128×128 faults
+in hundreds of MB per call; with glibc's malloc backed by transparent huge pages
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, glibc ≥ 2.35, kernel THP in "madvise" or
+"always" mode) almost none, and the forward is markedly faster (BENCHMARKS.md,
+'Measurements behind code choices', runtime.py). Numbers are unchanged: only where
+memory comes from changes.
 
 glibc reads tunables once, at process start, so the setting cannot be applied from
 inside a running interpreter: `reexec_with_hugepages` restarts the current command with
@@ -78,7 +79,8 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory in MB: ``VmHWM`` of ``/proc/self/status`` on
     Linux (the high-water mark of the running program's own address space), else
     ``ru_maxrss``. Why not ``ru_maxrss`` alone: Linux keeps it across ``exec``, so a child
-    started by a parent holding 6.8 GB reported a 6.8 GB peak of its own."""
+    reports at least its parent's peak as its own (seen with the scale script's children;
+    BENCHMARKS.md, 'Measurements behind code choices', `peak_rss_mb`)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:

@@ -19,8 +19,9 @@ the global batch and dropout masks are drawn per device the same way.
 Why "jit" maps explicitly instead of letting XLA partition the global step: the CPU
 convolutions (`gradcamo_jax.models.conv`) loop over blocks of the batch axis with dynamic
 slices, which the partitioner can only serve by all-gathering the whole batch's
-activations onto every device (measured: 17 all-gathers, the 8-device step 4.2× the
-1-device step on one CPU host). Under `shard_map` every device loops over its own rows.
+activations onto every device (the 8-device step then cost several 1-device steps on one
+CPU host; BENCHMARKS.md, 'Measurements behind code choices', train.py). Under `shard_map`
+every device loops over its own rows.
 """
 
 from __future__ import annotations

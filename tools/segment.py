@@ -102,14 +102,15 @@ class SegmentConfig:
         channel (whichever is higher), lies at least this many background standard deviations
         above the site's background median (robust: median and 1.4826·MAD of the voxels outside
         every object). Cellpose rescales each slice to its own 1st–99th percentiles, so on a
-        field with no cells it stretches noise into "cells" (measured on a synthetic empty
-        site with the offline model: 8 objects, contrast −0.5…0.1; real cells there: 4.5–16).
-        0 turns the filter off. Dropped objects are counted in the summary.
+        field with no cells it stretches noise into "cells", whose contrast is near 0, well
+        below that of real cells (experiments/README.md, 'Measurements behind default
+        settings', tools/segment.py). 0 turns the filter off. Dropped objects are counted in
+        the summary.
       batch_size: Cellpose tiles per forward pass.
       tile_size: Cellpose tile side (``bsize``), 224 as the built-in models were trained. A slice
         (after rescaling to the model's diameter) no larger than the tile runs as one tile of its
-        own size; a smaller tile only splits it into more, overlapping tiles (measured: 48 or 96
-        is ~2x slower than 224 on 96x96 fields, with the offline model trained on 48-px tiles).
+        own size; a smaller tile only splits it into more, overlapping tiles, which is slower
+        (BENCHMARKS.md, 'Measurements behind code choices', tools/segment.py).
     """
 
     model: str = "cyto3"

@@ -183,7 +183,8 @@ class SynthConfig:
 
 
 PRESETS: dict[str, SynthConfig] = {
-    # ~300 cells in < 2 s: the CPU demo (crop with 9×48×48).
+    # ~300 cells, written in seconds: the CPU demo (crop with 9×48×48; time in BENCHMARKS.md,
+    # 'Measurements behind code choices', synthetic.py).
     "demo": SynthConfig(
         wells_per_dose=2, sites_per_well=2, field_shape=(9, 96, 96), cell_radius=(2.5, 11.0, 11.0),
         cells_per_site=20, psf_sigma=(0.8, 0.7, 0.7),

@@ -13,7 +13,8 @@ PyTorch's ``Conv*d(padding=k // 2)``.
 Why two formulations. On GPU/TPU ``lax.conv_general_dilated`` lowers to cuDNN / the
 TPU convolution unit and is the right choice ("xla"). XLA:CPU has no good kernel for
 grouped (depthwise) or few-channel convolutions (a depthwise 3×3×3 conv at
-(8, 21, 64, 64, 96) takes ~17 s there), so "shifted" rewrites them:
+(8, 21, 64, 64, 96) takes seconds there; see BENCHMARKS.md, 'Measurements behind code
+choices', conv.py module docstring), so "shifted" rewrites them:
 
 * depthwise: a sum over kernel taps of strided slices of the zero-padded input times
   the tap's per-channel weights, which XLA fuses into one elementwise loop (small
@@ -36,7 +37,7 @@ kernels > 1 (they are ``jax.custom_vjp``); use ``impl="xla"`` for that.
 Reductions whose taps would each re-read the whole input from memory (kernel
 gradients, im2col) run as a loop over cache-sized blocks of output rows
 (`_plan_blocks`): XLA:CPU does not tile across fusions, and 27 passes over a 250 MB
-activation are memory-bound (~5× slower).
+activation are memory-bound, several times slower than blocks (same section).
 """
 
 from __future__ import annotations
@@ -66,35 +67,37 @@ _BLOCK_BYTES = 384 * 1024
 
 # Bytes of im2col patches per block of the dense forward and kernel gradient
 # (`_dense_fwd_impl`, `_dense_wgrad_impl`). Larger than `_BLOCK_BYTES` because each block
-# ends in one matmul whose fixed cost dominates small blocks: on 2 AVX-512 cores a
-# 728 × 135 × 32 matmul ran at 75 GFLOP/s, 4096 × 135 × 32 at 164. With one 64×64 output
-# plane (2.2 MB of patches) per block the B0 stem (8×5×21×128×128 → 32, stride 2, with
-# the 2-D concatenation in `_im2col`) took 29 ms instead of 36–38 (min of 24 calls), its
-# kernel gradient 31 instead of 35.
+# ends in one matmul whose fixed cost dominates small blocks: a matmul of a few hundred
+# patch rows runs at about half the rate of one of a few thousand, so one 64×64 output
+# plane (2.2 MB of patches) per block makes the B0 stem and its kernel gradient faster
+# than `_BLOCK_BYTES` blocks. See BENCHMARKS.md, 'Measurements behind code choices',
+# `_DENSE_BLOCK_BYTES`.
 _DENSE_BLOCK_BYTES = 2304 * 1024
 
-# Kernels with more taps than this are always summed by `_depthwise_loop`. Measured on 2
-# AVX-512 cores: XLA:CPU's single fusion of a 5×5×5 kernel's 125 taps runs 3–7× slower than
-# the loop over its first axis at every size tried (5.9 MB: 99 → 13 ms; 46 MB: 423 → 104 ms).
+# Kernels with more taps than this are always summed by `_depthwise_loop`: XLA:CPU's single
+# fusion of a 5×5×5 kernel's 125 taps is several times slower than the loop over its first
+# axis at every size tried. See BENCHMARKS.md, 'Measurements behind code choices',
+# `_MAX_FUSED_TAPS`.
 _MAX_FUSED_TAPS = 27
 
 # Depthwise outputs up to this many bytes (accumulation dtype, whole array) are summed by
 # `_depthwise_loop`; larger ones, with at most `_MAX_FUSED_TAPS` taps, by one fused tap sum.
-# Measured on 2 AVX-512 cores: the loop makes stage6's backward 2.5× faster (8×2×4×4×1152,
-# 1.2 MB) and the first stages' 3×3×3 forward ~2× slower (8×11×64×64×32, 46 MB).
+# The loop speeds up the backward of the small late-stage outputs (8×2×4×4×1152, 1.2 MB)
+# and slows down the first stages' 3×3×3 forward (8×11×64×64×32, 46 MB). See BENCHMARKS.md,
+# 'Measurements behind code choices', `_LOOP_MAX_BYTES`.
 _LOOP_MAX_BYTES = 4 * 2**20
 
 # Depthwise kernel gradients whose input is at most this many bytes are one reduction over
 # the whole array; larger ones loop over cache-sized blocks (`_depthwise_wgrad_impl`).
-# Measured on 2 AVX-512 cores: 8×2×8×8×672 (1.4 MB) 34 → 15 ms, 8×3×16×16×240 (5.9 MB)
-# 47 → 37 ms unblocked; at 46 MB the unblocked reduction is 2.7× slower than blocks.
+# Unblocked is faster for inputs of 1.4 and 5.9 MB and slower than blocks at 46 MB. See
+# BENCHMARKS.md, 'Measurements behind code choices', `_WGRAD_WHOLE_MAX_BYTES`.
 _WGRAD_WHOLE_MAX_BYTES = 8 * 2**20
 
 # Interior-padded depthwise correlations (input gradients of strided convs) with outputs
-# above this many bytes run as output phases (`_depthwise_phases`). Measured on 2 AVX-512
-# cores: 3.7× faster at 8×6×32×32×144 (27 MB), 1.4× at 8×21×64×64×96; mixed below ~6 MB (5.6 MB:
-# 2.3× slower, 3.9 MB: 1.3× faster), where the phases' extra fusions and interleaving copy cost
-# about what the skipped zero products save.
+# above this many bytes run as output phases (`_depthwise_phases`). The phases win on
+# large outputs and are mixed below ~6 MB (faster at some sizes, slower at others), where
+# the phases' extra fusions and interleaving copy cost about what the skipped zero products
+# save. See BENCHMARKS.md, 'Measurements behind code choices', `_PHASE_MIN_BYTES`.
 _PHASE_MIN_BYTES = 8 * 2**20
 
 
@@ -299,7 +302,8 @@ def _im2col(xp: jax.Array, ksize: Sequence[int], strides: Sequence[int], out: Se
     With a stride ``s > 1`` on the last spatial axis, that axis is viewed as groups of ``s``
     positions ``(L / s, s * Cin)``: taps ``q*s … q*s + s - 1`` of one output read group
     ``o + q`` whole, so they are one contiguous piece (the stem's 27 pieces of 5 channels
-    become 18 of 10 or 5; its forward measured ~15% faster)."""
+    become 18 of 10 or 5, which makes its forward faster; see BENCHMARKS.md,
+    'Measurements behind code choices', `_im2col`)."""
     nd = len(ksize)
     s, k, o = strides[-1], ksize[-1], out[-1]
     if s == 1 or k == 1:
@@ -321,8 +325,9 @@ def _im2col(xp: jax.Array, ksize: Sequence[int], strides: Sequence[int], out: Se
             for t in _taps(ksize[:-1])
             for q in range(groups)
         ]
-    # Concatenated as (positions, channels) matrices: XLA:CPU fused the stem's im2col ~40% slower
-    # when the pieces kept unit axes (1, 64, 64, 5) than as (64, 64, 5) or (4096, 5).
+    # Concatenated as (positions, channels) matrices: XLA:CPU fused the stem's im2col markedly
+    # slower when the pieces kept unit axes (1, 64, 64, 5) than as (64, 64, 5) or (4096, 5)
+    # (BENCHMARKS.md, 'Measurements behind code choices', `_im2col`).
     shape = views[0].shape[:-1]
     cols = jnp.concatenate([v.reshape(-1, v.shape[-1]) for v in views], axis=-1)
     return cols.reshape(*shape, cols.shape[-1])
@@ -458,8 +463,9 @@ def _pointwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x (..., *S, Cin) @ w (1, …, 1, Cin, Cout)`` with a VJP whose kernel gradient is the
     blocked `_dense_wgrad`. Why: autodiff's ``x^T g`` contracts the long position axis of two
     channels-last arrays, and XLA:CPU first transposes the cotangent to channels-first (at
-    stage2's expand, 8×11×64×64×96: a 140 ms copy before a 44 ms matmul); per cache-sized
-    block the same product costs 17 ms in all."""
+    stage2's expand, 8×11×64×64×96, a copy that costs more than the matmul after it); per
+    cache-sized block the same product costs a fraction of that copy alone (BENCHMARKS.md,
+    'Measurements behind code choices', `_pointwise_matmul`)."""
     return _matmul_last(x, w.reshape(w.shape[-2:]))
 
 
@@ -495,7 +501,8 @@ def _dense_fwd_impl(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads: 
     def block(i):
         b, starts = _loop_indices(i, lead, out, blocks)
         win = _slice_block(xp, b, starts, bshape, ksize, strides)
-        # A 2-D matmul: XLA:CPU ran the same product as a rank-5 dot_general ~30% slower.
+        # A 2-D matmul: XLA:CPU ran the same product as a rank-5 dot_general slower
+        # (BENCHMARKS.md, 'Measurements behind code choices', `_dense_fwd_impl`).
         return _matmul_last(_im2col(win, ksize, strides, bshape).reshape(-1, cols), w2)
 
     a = blocks.axis
@@ -535,9 +542,10 @@ def _dense_input_grad(g: jax.Array, w: jax.Array, n: Sequence[int], strides: tup
     """Input gradient of `_dense`: ``g (..., *S', Cout)``, ``w (*K, Cin, Cout)`` → ``(..., *n, Cin)``.
 
     col2im: the patches' cotangent ``g @ w^T`` scattered back through the transpose of
-    im2col (a sum of prod(K) interior-padded slices, one fusion). Measured 3× faster on
-    the stem than the equivalent correlation of the stride-dilated cotangent, whose
-    ``prod(K) * Cout``-wide patches are mostly zeros. Plain JAX ops, so it differentiates.
+    im2col (a sum of prod(K) interior-padded slices, one fusion). Faster on the stem than
+    the equivalent correlation of the stride-dilated cotangent, whose ``prod(K) * Cout``-wide
+    patches are mostly zeros (BENCHMARKS.md, 'Measurements behind code choices',
+    `_dense_input_grad`). Plain JAX ops, so it differentiates.
     """
     nd = len(strides)
     ksize, cin = w.shape[:nd], w.shape[-2]
@@ -601,8 +609,9 @@ def _depthwise_impl(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads: 
     `_MAX_FUSED_TAPS` taps (`_LOOP_MAX_BYTES`, see `_depthwise_loop`), one fused elementwise
     sum over taps otherwise. ``fuse_small``: small outputs too take the fused sum (kernels of
     at most `_MAX_FUSED_TAPS` taps), for a forward that nothing differentiates: there the
-    loop only costs (8×2×8×8×480, 3×3×3: 2.6 ms loop, 0.6 ms fused), while under a VJP the
-    loop's materialised sum is what keeps XLA from recomputing the taps in the backward.
+    loop only costs (several times the fused sum at 8×2×8×8×480, 3×3×3; BENCHMARKS.md,
+    'Measurements behind code choices', `_depthwise_impl`), while under a VJP the loop's
+    materialised sum is what keeps XLA from recomputing the taps in the backward.
     """
     nd = len(strides)
     ksize = w.shape[:nd]
@@ -628,7 +637,8 @@ def _depthwise_loop(xp: jax.Array, wa: jax.Array, ksize, strides, out) -> jax.Ar
     Why: the fused tap sum is an elementwise loop fusion, and XLA:CPU duplicates such
     fusions into each consumer. In a backward pass, the activation derivative needs the
     conv output, so the 125-tap sum of a 5×5×5 block was recomputed twice more inside the
-    cotangent's fusions (measured: stage6's vjp 6× its forward). A loop carry is a
+    cotangent's fusions (stage6's vjp cost several forwards; BENCHMARKS.md, 'Measurements
+    behind code choices', `_depthwise_loop`). A loop carry is a
     materialised buffer that cannot be duplicated. It costs one read-modify-write of the
     sum per kernel slice, which is why large outputs keep the single fusion.
     """
@@ -655,7 +665,8 @@ def _depthwise_wgrad_impl(x: jax.Array, g: jax.Array, ksize: tuple[int, ...], st
 
     All ``prod(K)`` tap sums are one variadic reduction (`_tap_sums`), so the products are
     formed in one pass over the positions: as separate reductions, each of the
-    ``prod(K)`` sums was its own kernel launch over the block (measured 1.5–3.6× slower).
+    ``prod(K)`` sums was its own kernel launch over the block (slower; BENCHMARKS.md,
+    'Measurements behind code choices', `_depthwise_wgrad_impl`).
     Inputs above `_WGRAD_WHOLE_MAX_BYTES` loop over cache-sized blocks of positions:
     unblocked, the pass streams x and g from memory once per tap row."""
     nd = len(strides)
@@ -719,8 +730,9 @@ def _depthwise_phases(x: jax.Array, w: jax.Array, strides: tuple[int, ...], pads
 
     Why: the input gradient of a stride-s conv correlates the cotangent dilated by s (s - 1
     zeros between elements) with the flipped kernel, so (s - 1)/s of the products per axis
-    are with zeros: 7/8 for a stride-2 3D conv, which then runs at input resolution (measured:
-    stage3's 5×5×5 input gradient, 225 ms of B0's train step). With ``P = it + 1``, output
+    are with zeros: 7/8 for a stride-2 3D conv, which then runs at input resolution (stage3's
+    5×5×5 input gradient was one of the costly parts of B0's train step; BENCHMARKS.md, 'Measurements
+    behind code choices', `_depthwise_phases`). With ``P = it + 1``, output
     ``i = q·P + r`` only meets taps ``u ≡ lo - r (mod P)``, and those read ``x[q + m + c_r]``
     for the ``m``-th of them: phase r is a dense stride-1 correlation of x with the kernel
     slice ``w[u0::P]``. The P phases, interleaved, are the output; every tap is used by

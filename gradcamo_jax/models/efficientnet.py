@@ -147,8 +147,9 @@ def calibrate_batch_stats(model: EfficientNet, variables: dict, images: jax.Arra
     ``(B, *S, C)``: one train-mode forward with momentum 0 (dropout off).
 
     A freshly initialised network in inference mode has mean 0 / variance 1 running
-    statistics, under which activations shrink ~3× per block (to ~1e-6 at "top" in B0)
-    and CAMs are numerical noise; calibrating makes random-weight models meaningful
+    statistics, under which activations shrink block after block (to almost nothing at
+    "top" in B0; BENCHMARKS.md, 'Measurements behind code choices', efficientnet.py) and
+    CAMs are numerical noise; calibrating makes random-weight models meaningful
     for tests and benchmarks. Trained models do not need it.
     """
     cfg = dataclasses.replace(model.config, bn_momentum=0.0, drop_path_rate=0.0, dropout_rate=0.0)
@@ -158,6 +159,7 @@ def calibrate_batch_stats(model: EfficientNet, variables: dict, images: jax.Arra
 @functools.partial(jax.jit, static_argnums=0)
 def _calibrate(cfg: ModelConfig, variables: dict, images: jax.Array) -> dict:
     # Jitted: run op by op, the engineered convolutions' loops and custom VJPs made one
-    # calibration of B0 on 8 crops of 5×21×128×128 take 134 s on 2 cores.
+    # calibration of B0 on 8 crops of 5×21×128×128 take minutes on 2 cores (BENCHMARKS.md,
+    # 'Measurements behind code choices', efficientnet.py).
     _, updates = EfficientNet(cfg).apply(variables, images, train=True, mutable=["batch_stats"])
     return {**variables, "batch_stats": updates["batch_stats"]}
