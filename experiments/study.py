@@ -2,9 +2,10 @@
 
 A study plate is the `demo` synthetic preset with three classes (control and two doses),
 cropped tightly around each cell (5×32×32 voxels, of which the cell fills a measured
-share: experiments/README.md, 'Measurements behind default settings') so that attention on the cell of interest and attention elsewhere can be told apart at
-the resolution of an intermediate CAM layer. Every step caches its output under the
-study folder, so an interrupted study rerun with the same arguments continues.
+share: experiments/README.md, 'Measurements behind default settings') so that attention
+on the cell of interest and attention elsewhere can be told apart at the resolution of an
+intermediate CAM layer. Every step caches its output under the study folder, so an
+interrupted study rerun with the same arguments continues.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ class PlateSpec:
       cell_gain: `SynthConfig.cell_gain`. 0 here: a dose-dependent in-cell *gain* does not
         stay in the cell. Per-site percentile normalisation maps the brightest voxels (cells)
         to 1, so a brighter cell plate gets a relatively darker background with dose, which
-        a "cell" model reads, putting much of its attention on background (experiments/README.md,
-        'Measurements behind default settings'). The cell signal is then
-        the ER spread, Mito puncta and nucleus size, which normalisation does not move.
+        a "cell" model reads, putting much of its attention on background
+        (experiments/README.md, 'Measurements behind default settings'). The cell signal is
+        then the ER spread, Mito puncta and nucleus size, which normalisation does not move.
       background_level: `SynthConfig.background_level`. The default 0.6 makes the
         background speckles the brightest voxels of the RNA channel, so normalisation
         dims the cells with dose (same section) and a "background" model can read the dose

@@ -64,8 +64,9 @@ class DemoConfig:
         synthetic defaults (gain 1, level 0.6) per-site percentile normalisation moves a
         signal from where it was planted: brighter treated cells make the normalised
         background darker, and bright background speckles dim the normalised cells
-        (measured for experiments/study.py on a background plate; same section). At gain 0 the cell signal is morphology and texture (ER
-        spread, Mito puncta, nucleus size), which normalisation leaves in the cell.
+        (measured for experiments/study.py on a background plate; same section). At gain 0
+        the cell signal is morphology and texture (ER spread, Mito puncta, nucleus size),
+        which normalisation leaves in the cell.
       wells_per_dose: wells per dose (3 gives one train, one validation and one test well).
       crop_size: stored crop (Z, Y, X); 5×32×32 is tight around the cell (the cell's measured
         share of the crop, Grad-CAMO's chance level: same section).
