@@ -1,12 +1,34 @@
-"""Shared fixtures: tiny models with calibrated BatchNorm and synthetic crops with masks."""
+"""Shared fixtures: tiny models with calibrated BatchNorm and synthetic crops with masks.
+
+Compilation dominates this suite (tiny models, many distinct programs), so the session
+compiles with XLA:CPU's cheap LLVM settings (`FAST_COMPILE`; ``GRADCAMO_TEST_FAST_COMPILE=0``
+turns them off) and keeps a persistent compilation cache under ``build/jax_cache`` that the
+test processes and their subprocesses share (a cached executable is the same program, so
+results do not change; delete the folder to start cold).
+"""
 
 from __future__ import annotations
 
-import jax
-import numpy as np
-import pytest
+import os
+from pathlib import Path
 
-from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, init
+ROOT = Path(__file__).resolve().parents[1]
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+CACHE_DIR = ROOT / "build" / "jax_cache"
+
+# Before jax is imported: XLA reads its flags once, at backend start.
+if os.environ.get("GRADCAMO_TEST_FAST_COMPILE", "1") != "0" and "xla_backend_optimization_level" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, init  # noqa: E402
 
 
 def blob_masks(n: int, spatial: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -136,7 +136,7 @@ WORKER = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
-    import test_profile as t
+    import test_scoring as t
     from gradcamo_jax.scoring import ScoreConfig, score_dataset
     model, v = t.model_and_variables()
     cfg = ScoreConfig(layer="stage4", batch_size=4, rows_per_shard=4)
@@ -188,7 +188,7 @@ def test_eight_devices_give_the_same_profiles(tmp_path, scored):
         sys.path.insert(0, {str(ROOT / 'tests')!r})
         import jax
         assert jax.local_device_count() == 8, jax.devices()
-        import test_profile as t
+        import test_scoring as t
         from gradcamo_jax.scoring import ScoreConfig, score_dataset
         model, v = t.model_and_variables()
         cfg = ScoreConfig(layer="stage4", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
