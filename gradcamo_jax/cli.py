@@ -6,7 +6,8 @@ thin wrapper over a function that the tests call directly. Each command owns one
 
     gradcamo synth  --out DIR [--preset demo|small|large] [--mode cell|background|neighbor|site] ...
     gradcamo train  --data DIR --workdir DIR [--config NAME] [--set key=value ...]
-    gradcamo score  --checkpoint DIR --data DIR --out DIR
+    gradcamo score  --checkpoint DIR --data DIR --out DIR [--shard I/N | --coordinator H:P ...]
+    gradcamo score  --out DIR --merge                  (after every shard: check and mark complete)
     gradcamo report --profiles DIR --out DIR
     gradcamo demo   --out DIR [--tiny]
 """
@@ -65,10 +66,14 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         help="override a config field, typed by its declaration (e.g. --set model.variant=b1 "
         "--set data.batch_size=64 --set data.crop_shape=5,24,24); repeatable",
     )
+    _add_multihost(p)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _add_multihost(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", help="multi-host: coordinator host:port (else $GRADCAMO_COORDINATOR)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -101,10 +106,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_score(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="training workdir (its checkpoints/ folder is read)")
+    p.add_argument("--checkpoint", help="training workdir (its checkpoints/ folder is read); required unless --merge")
     p.add_argument("--step", default="best", help="'best' (validation accuracy), 'latest' or a step number")
-    p.add_argument("--data", required=True, help="cell dataset folder (cells.parquet + crops.zarr)")
+    p.add_argument("--data", help="cell dataset folder (cells.parquet + crops.zarr); required unless --merge")
     p.add_argument("--out", required=True, help="profile folder; an interrupted run there resumes")
+    p.add_argument("--shard", default="0/1", help="INDEX/COUNT: score only this job-array shard's parts "
+                   "(e.g. $SLURM_ARRAY_TASK_ID/16), then run once with --merge")
+    p.add_argument("--merge", action="store_true", help="only check that every part of --out is present and holds "
+                   "its cells exactly once (after all shards), and write complete.json")
     p.add_argument("--layer", default="stage5", help="layer Grad-CAM explains (stem, stage1…stage7, top)")
     p.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, layercam, xgradcam")
     p.add_argument("--feature-layers", default="", help="comma-separated layers pooled into features (default: --layer)")
@@ -113,15 +122,27 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cam-sample", type=int, default=64, help="cells whose CAM volumes are saved for audits")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16 (GPU/TPU)")
     p.add_argument("--no-progress", action="store_true")
+    _add_multihost(p)
 
 
 def _run_score(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from gradcamo_jax import EfficientNet
-    from gradcamo_jax.scoring import ScoreConfig, score_dataset
+    from gradcamo_jax.data.shards import parse_shard
+    from gradcamo_jax.scoring import ScoreConfig, score_dataset, verify_profiles
+
+    if args.merge:
+        print(json.dumps(verify_profiles(args.out)))
+        return 0
+    missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--data", args.data)) if not value]
+    if missing:
+        raise SystemExit(f"gradcamo score: {' and '.join(missing)} required (or --merge)")
+    shard = parse_shard(args.shard)
+    from gradcamo_jax import EfficientNet, sharding
     from gradcamo_jax.train import load_checkpoint
+
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
     step = args.step if args.step in ("best", "latest") else int(args.step)
     train_cfg, variables = load_checkpoint(args.checkpoint, step)
@@ -130,8 +151,12 @@ def _run_score(args: argparse.Namespace) -> int:
     config = ScoreConfig(layer=args.layer, method=args.method, feature_layers=layers, batch_size=args.batch_size,
                          rows_per_shard=args.rows_per_shard, cam_sample=args.cam_sample)
     stats = score_dataset(model, variables, args.data, args.out, config, crop_shape=train_cfg.data.crop_shape,
-                          downsample=train_cfg.data.downsample,
+                          downsample=train_cfg.data.downsample, shard=shard,
                           progress=not args.no_progress)
+    import jax
+
+    if shard == (0, 1) and jax.process_count() == 1:  # the only writer: check and mark complete now
+        stats["complete"] = verify_profiles(args.out)
     print(json.dumps(stats))
     return 0
 

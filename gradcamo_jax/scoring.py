@@ -24,9 +24,13 @@ as a feature):
 * features ``<Model>_<layer>_<i>``, e.g. ``EfficientNetB0_stage5_0042``: the spatial
   mean of that layer's activation, for every layer of `ScoreConfig.feature_layers`.
 
-Across processes (``jax.process_count() > 1``) part k is scored by process
-``k % process_count``: cells are independent, so hosts never communicate. Within a
-process a batch is split over the local devices (``P("data")`` on a local mesh).
+Across hosts, two ways that combine (`assigned_parts`): job-array shards (``shard=(I, N)``,
+``gradcamo score --shard I/N``: job I scores parts k with ``k % N == I``, no `jax.distributed`
+needed) and the processes of one `jax.distributed` job (process p of P takes every P-th part
+of its shard). Cells are independent, so hosts never communicate. Within a process a batch
+is split over the local devices (``P("data")`` on a local mesh). When every job is done,
+`verify_profiles` (``gradcamo score --merge``) checks that each part is present and holds
+exactly its rows, once, and writes ``complete.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from gradcamo_jax.models.efficientnet import EfficientNet, layer_index
 from gradcamo_jax.sharding import batch_sharding, make_mesh
 
 MANIFEST = "manifest.json"
+COMPLETE = "complete.json"
 PART = "part-{:05d}.parquet"
 CAM_DIR = "cams"
 
@@ -238,6 +243,22 @@ def _check_manifest(out_dir: Path, manifest: dict) -> None:
         )
 
 
+def part_bounds(n_cells: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` rows of every part: fixed by `rows_per_shard`, whatever the job layout."""
+    return [(s, min(s + rows_per_shard, n_cells)) for s in range(0, n_cells, rows_per_shard)]
+
+
+def assigned_parts(n_parts: int, shard: tuple[int, int] = (0, 1), process: tuple[int, int] = (0, 1)) -> list[int]:
+    """Part indices one worker scores: job-array shard ``(I, N)`` takes parts ``k % N == I``; process
+    ``(p, P)`` of a `jax.distributed` job takes every P-th of those from the p-th. Over all
+    ``I`` and ``p`` the parts are covered exactly once."""
+    index, count = shard
+    p, n_proc = process
+    if not (0 <= index < count and 0 <= p < n_proc):
+        raise ValueError(f"shard {shard} / process {process}: need 0 <= index < count")
+    return list(range(index, n_parts, count))[p::n_proc]
+
+
 def score_dataset(
     model: EfficientNet,
     variables,
@@ -249,6 +270,7 @@ def score_dataset(
     downsample: tuple[int, int, int] = (1, 1, 1),
     progress: bool = True,
     max_parts: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """Score every cell of a dataset (cells.parquet + crops.zarr) into Parquet parts; resumable.
 
@@ -263,6 +285,8 @@ def score_dataset(
         model sees it; the defaults take crops as stored.
       progress: show a tqdm bar with cells/s.
       max_parts: stop after this many newly scored parts (tests simulate interruptions).
+      shard: ``(I, N)``: score only job-array shard I of N (`assigned_parts`); run
+        `verify_profiles` when all N are done.
 
     Returns:
       ``{"n_cells", "parts", "scored_parts", "skipped_parts", "seconds", "cells_per_s"}``
@@ -294,8 +318,8 @@ def score_dataset(
     if jax.process_index() == 0:
         _check_manifest(out_dir, manifest)
     n = len(cells)
-    bounds = [(s, min(s + config.rows_per_shard, n)) for s in range(0, n, config.rows_per_shard)]
-    mine = [k for k in range(len(bounds)) if k % jax.process_count() == jax.process_index()]
+    bounds = part_bounds(n, config.rows_per_shard)
+    mine = assigned_parts(len(bounds), shard, (jax.process_index(), jax.process_count()))
     pending = [k for k in mine if not (out_dir / PART.format(k)).exists()]
     todo = pending if max_parts is None else pending[:max_parts]
     total = sum(bounds[k][1] - bounds[k][0] for k in todo)
@@ -320,20 +344,60 @@ def score_dataset(
     }
 
 
-def read_profiles(out_dir: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """All parts of a profile folder, in row order (pandas). Raises if parts are missing."""
-    out_dir = Path(out_dir)
-    manifest = formats.read_json(out_dir / MANIFEST)
-    n_parts = -(-manifest["n_cells"] // manifest["rows_per_shard"])
+def _missing_parts(out_dir: Path, n_parts: int) -> None:
     missing = [k for k in range(n_parts) if not (out_dir / PART.format(k)).exists()]
     if missing:
         raise FileNotFoundError(
             f"{out_dir}: {len(missing)} of {n_parts} profile parts missing (first: {PART.format(missing[0])}); "
-            "re-run `gradcamo score` with the same arguments to finish"
+            "re-run `gradcamo score` with the same arguments (every --shard) to finish"
         )
-    return pd.concat([formats.read_table(out_dir / PART.format(k)) if columns is None else
-                      pd.read_parquet(out_dir / PART.format(k), columns=list(columns)) for k in range(n_parts)],
-                     ignore_index=True)
+
+
+def verify_profiles(out_dir: str | os.PathLike) -> dict:
+    """Check a finished profile folder and mark it complete; returns the ``complete.json`` record.
+
+    Every part of the manifest must exist and hold exactly its rows (``Metadata_Row`` = its
+    ``[start, stop)`` in order): no cell missing, none twice, whatever job layout wrote the
+    parts. Raises FileNotFoundError (missing parts) or ValueError (parts holding other rows).
+    """
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    manifest = formats.read_json(out_dir / MANIFEST)
+    bounds = part_bounds(manifest["n_cells"], manifest["rows_per_shard"])
+    _missing_parts(out_dir, len(bounds))
+    wrong = []
+    for k, (start, stop) in enumerate(bounds):
+        path = out_dir / PART.format(k)
+        if "Metadata_Row" in pq.read_schema(path).names:
+            rows = pd.read_parquet(path, columns=["Metadata_Row"])["Metadata_Row"].to_numpy()
+        else:  # a cell table without store rows: only the count can be checked
+            rows = np.arange(start, start + pq.read_metadata(path).num_rows)
+        if not np.array_equal(rows, np.arange(start, stop)):
+            wrong.append(f"{PART.format(k)} holds rows {rows[:3].tolist()}… ({len(rows)}), expected {start}…{stop - 1}")
+    if wrong:
+        raise ValueError(f"{out_dir}: parts with the wrong cells (written by another run?): {wrong[:5]}; "
+                         "delete them and re-run their shard")
+    record = {"n_cells": manifest["n_cells"], "parts": len(bounds), "rows_per_shard": manifest["rows_per_shard"],
+              "cells_sha256": manifest["cells_sha256"], "weights_sha256": manifest["weights_sha256"]}
+    formats.write_json(record, out_dir / COMPLETE)
+    return record
+
+
+def read_profiles(out_dir: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """All parts of a profile folder, in row order (pandas). Raises if parts are missing or a
+    cell's row appears other than once."""
+    out_dir = Path(out_dir)
+    manifest = formats.read_json(out_dir / MANIFEST)
+    n_parts = len(part_bounds(manifest["n_cells"], manifest["rows_per_shard"]))
+    _missing_parts(out_dir, n_parts)
+    table = pd.concat([formats.read_table(out_dir / PART.format(k)) if columns is None else
+                       pd.read_parquet(out_dir / PART.format(k), columns=list(columns)) for k in range(n_parts)],
+                      ignore_index=True)
+    if "Metadata_Row" in table and not np.array_equal(table["Metadata_Row"].to_numpy(), np.arange(manifest["n_cells"])):
+        raise ValueError(f"{out_dir}: the parts do not hold each cell once in row order; run verify_profiles "
+                         "(gradcamo score --merge) to see which part is wrong")
+    return table
 
 
 def read_cams(out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -345,4 +409,5 @@ def read_cams(out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([a["row"] for a in loaded]), np.concatenate([a["cam"] for a in loaded])
 
 
-__all__ = ["ScoreConfig", "cam_rows", "feature_names", "read_cams", "read_profiles", "score_dataset", "score_part"]
+__all__ = ["ScoreConfig", "assigned_parts", "cam_rows", "feature_names", "part_bounds", "read_cams", "read_profiles",
+           "score_dataset", "score_part", "verify_profiles"]

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from conftest import blob_masks
 
-from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, explain, gradcamo, init
+from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, explain, gradcamo, init, scoring
 from gradcamo_jax.data import formats
 from gradcamo_jax.scoring import PART, ScoreConfig, cam_rows, read_cams, read_profiles, score_dataset
 
@@ -201,3 +201,79 @@ def test_eight_devices_give_the_same_profiles(tmp_path, scored):
     # float32 rounding differs with the per-device batch (seen: 1.1e-6 on a feature of -0.012, in
     # a column whose values reach 4); scores and metadata must agree as tightly.
     pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- across hosts
+
+
+def test_assigned_parts_cover_every_part_once():
+    for n_parts in (0, 1, 7, 16):
+        for count in (1, 2, 3):
+            for n_proc in (1, 2, 4):
+                got = [k for i in range(count) for p in range(n_proc)
+                       for k in scoring.assigned_parts(n_parts, (i, count), (p, n_proc))]
+                assert sorted(got) == list(range(n_parts)), (n_parts, count, n_proc)
+
+
+def test_job_array_shards_give_the_one_process_profiles_and_merge_checks_them(scored, tmp_path):
+    base, data, model, v, cfg, _ = scored
+    out = tmp_path / "sharded"
+    for i in (1, 0):  # any order
+        stats = score_dataset(model, v, data, out, cfg, progress=False, shard=(i, 2))
+        assert stats["scored_parts"] == len(scoring.assigned_parts(stats["parts"], (i, 2)))
+    record = scoring.verify_profiles(out)
+    assert record["n_cells"] == N and (out / scoring.COMPLETE).exists()
+    pd.testing.assert_frame_equal(read_profiles(out), read_profiles(base / "profiles"))
+    # A part holding another part's cells, and a missing part, are named.
+    (out / PART.format(1)).write_bytes((out / PART.format(0)).read_bytes())
+    with pytest.raises(ValueError, match=r"part-00001\.parquet holds rows \[0, 1, 2\]"):
+        scoring.verify_profiles(out)
+    with pytest.raises(ValueError, match="each cell once"):
+        read_profiles(out)
+    (out / PART.format(1)).unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 profile parts missing.*every --shard"):
+        scoring.verify_profiles(out)
+
+
+DISTRIBUTED_WORKER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from gradcamo_jax import sharding
+    sharding.initialize_distributed("127.0.0.1:" + sys.argv[1], 2, int(sys.argv[2]))
+    import jax
+    assert jax.process_count() == 2
+    import test_scoring as t
+    from gradcamo_jax.scoring import ScoreConfig, score_dataset
+    model, v = t.model_and_variables()
+    cfg = ScoreConfig(layer="stage4", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
+    print(score_dataset(model, v, {data!r}, {out!r}, cfg, progress=False))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_profiles(scored, tmp_path):
+    """Two `jax.distributed` processes (gloo on 127.0.0.1) split the parts; the merged result is
+    the single process's, cell for cell."""
+    import socket
+
+    base, data, *_ = scored
+    out = tmp_path / "two"
+    script = tmp_path / "dist.py"
+    script.write_text(DISTRIBUTED_WORKER.format(tests=str(ROOT / "tests"), data=str(data), out=str(out)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    scoring.verify_profiles(out)
+    pd.testing.assert_frame_equal(read_profiles(out), read_profiles(base / "profiles"))
+    rows, cams = read_cams(out)
+    ref_rows, ref_cams = read_cams(base / "profiles")
+    order, ref_order = np.argsort(rows), np.argsort(ref_rows)
+    np.testing.assert_array_equal(rows[order], ref_rows[ref_order])
+    np.testing.assert_array_equal(cams[order], ref_cams[ref_order])
