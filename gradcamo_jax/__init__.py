@@ -10,6 +10,7 @@ Public API::
     out.scores.cell                                                   # (N,) Grad-CAMO
 """
 
+from gradcamo_jax import audit
 from gradcamo_jax.cam import CAM_METHODS, Explanation, explain, grad_cam, make_explain_fn, upsample
 from gradcamo_jax.config import STAGE_NAMES, ModelConfig
 from gradcamo_jax.metric import GradCAMOResult, gradcamo, summarize
@@ -18,6 +19,7 @@ from gradcamo_jax.models.efficientnet import EfficientNet, calibrate_batch_stats
 __version__ = "0.1.0"
 
 __all__ = [
+    "audit",
     "CAM_METHODS",
     "STAGE_NAMES",
     "EfficientNet",

@@ -5,6 +5,7 @@ thin wrapper over a function that the tests call directly. Each command owns one
 ``_add_<name>`` (arguments) and one ``_run_<name>`` (the call) below.
 
     gradcamo synth  --out DIR [--preset demo|small|large] [--mode cell|background|neighbor|site] ...
+    gradcamo import --layout loaddata|phenix|imagexpress|ome-tiff|ome-zarr SRC --out plate_map.csv [--platemap P]
     gradcamo train  --data DIR --workdir DIR [--config NAME] [--set key=value ...]
     gradcamo score  --checkpoint DIR --data DIR --out DIR [--shard I/N | --coordinator H:P ...]
     gradcamo score  --out DIR --merge                  (after every shard: check and mark complete)
@@ -44,6 +45,21 @@ def _run_synth(args: argparse.Namespace) -> int:
     )
     print(synthetic.write_plate(config, args.out))
     return 0
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _add_import(p: argparse.ArgumentParser) -> None:
+    from gradcamo_jax.data.readers import add_import_arguments
+
+    add_import_arguments(p)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from gradcamo_jax.data.readers import run_import
+
+    return run_import(args)
 
 
 # ----------------------------------------------------------------------------- train
@@ -202,6 +218,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "synth": ("write a synthetic 3D Cell Painting plate with planted confounders", _add_synth, _run_synth),
+    "import": ("read a plate in place (LoadData, Phenix, ImageXpress, OME-TIFF, OME-Zarr) into a plate map",
+               _add_import, _run_import),
     "train": ("train an EfficientNet on a cell dataset (resumes from --workdir)", _add_train, _run_train),
     "score": ("bulk Grad-CAMO scoring of a cell dataset to Parquet profiles", _add_score, _run_score),
     "report": ("HTML report with UMAP, CAM overlays and score distributions", _add_report, _run_report),

@@ -344,7 +344,9 @@ def read_stack(
     """Read one site's z-stack as float32 (Z, C, Y, X).
 
     Args:
-      path: TIFF/OME-TIFF file.
+      path: TIFF/OME-TIFF file, or a ``*.site.json`` site descriptor written by
+        ``gradcamo import`` (`gradcamo_jax.data.readers`: the site's original vendor files,
+        read in place; it records its own axes, so `axes` does not apply).
       axes: the file's axis order, a permutation of "ZCYX" (e.g. "CZYX" or "ZYXC");
         when the file records its own axes (shaped or ImageJ metadata) they must agree.
       channels: expected channel count, or expected channel names (checked against
@@ -360,6 +362,10 @@ def read_stack(
     path = Path(path)
     if sorted(axes) != sorted("ZCYX"):
         raise ValueError(f"axes={axes!r} must be a permutation of 'ZCYX'")
+    if path.name.endswith(".site.json"):
+        from gradcamo_jax.data import readers  # lazy: readers imports this module
+
+        return readers.read_site_file(path, channels=channels)
     data, recorded, meta = _tiff_array(path)
     if recorded is not None and recorded != axes and len(recorded) == 4:
         raise ValueError(
