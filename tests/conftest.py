@@ -9,6 +9,7 @@ results do not change; delete the folder to start cold).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -54,6 +55,9 @@ class Setup:
         self.variables = calibrate_batch_stats(self.model, variables, calib)
         self.images = np.asarray(jax.random.normal(jax.random.fold_in(key, 2), (n, *spatial, channels)))
         self.masks = blob_masks(n, spatial, seed)
+        # Compiled once per session: an un-jitted `apply` dispatches and compiles op by op.
+        self.logits = jax.jit(self.model.apply)
+        self.features = jax.jit(functools.partial(self.model.apply, method="features"))
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +71,25 @@ def tiny3d() -> Setup:
 def tiny2d() -> Setup:
     """Tiny 2D EfficientNet, 3 classes, crops (3, 30, 26, 2)."""
     return Setup(ModelConfig("tiny", num_classes=3, spatial_dims=2), (30, 26), 2, 3)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test module may name its quick tests in ``FAST`` (test names, with parameters where
+    only some of a grid are quick): the rest of that module gets the ``slow`` marker, so
+    ``-m 'not slow'`` (`make test-fast`) runs one representative of each expensive family
+    while `make test` runs everything."""
+    slow = pytest.mark.slow
+    for item in items:
+        fast = getattr(item.module, "FAST", None)
+        if fast is not None and item.name not in fast and item.originalname not in fast:
+            item.add_marker(slow)
+
+
+@pytest.fixture(scope="session")
+def jax_cache() -> Path:
+    """The session's persistent compilation cache, for subprocesses that run the same programs."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    return CACHE_DIR
 
 
 @pytest.fixture

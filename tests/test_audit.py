@@ -28,6 +28,18 @@ from gradcamo_jax.audit import (
     reliance,
 )
 
+# The quick loop: fill and index definitions and one model whose context reliance is known;
+# float64 references, batching, the random baseline and the sanity check in `make test`.
+FAST = {
+    "test_fills_replace_only_the_region",
+    "test_empty_region_leaves_the_crop_unchanged_and_is_flagged",
+    "test_fill_arguments_are_checked",
+    "test_cri_definition",
+    "test_corrected_gradcamo_definition",
+    "test_blur_matches_scipy",
+    "test_model_that_ignores_context_has_zero_context_drops",
+}
+
 DEFAULT_FILL = FillSettings()
 ALL_FILLS = RelianceSettings(fills=("noise", "blur", "mean", "swap"))
 # Multipliers per mask code (background, cell, neighbours) applied to the input inside the

@@ -17,9 +17,18 @@ import pytest
 from gradcamo_jax import CAM_METHODS, EfficientNet, ModelConfig, explain, grad_cam, gradcamo, upsample
 from gradcamo_jax.cam import cam_from_gradients
 
+# The quick loop: input checks, the map rule of every method, and one end-to-end `explain`
+# against separate computations; closed forms, float64 gradients and sharding in `make test`.
+FAST = {
+    "test_bad_input_raises_value_error",
+    "test_cam_from_gradients_is_nonnegative_for_every_method",
+    "test_nan_error_names_the_cell",
+    "test_one_pass_agrees_with_separate_computations",
+}
+
 
 def _top_and_classifier(setup):
-    feats = setup.model.apply(setup.variables, jnp.asarray(setup.images), method="features")
+    feats = setup.features(setup.variables, jnp.asarray(setup.images))
     w = np.asarray(setup.variables["params"]["classifier"]["kernel"])  # (K_top, classes)
     return np.asarray(feats["top"], np.float64), w
 
@@ -45,7 +54,7 @@ def test_methods_reduce_to_closed_forms_at_gap_head(tiny3d):
     Grad-CAM, LayerCAM keeps only positive weights, Grad-CAM++ has the closed form below."""
     s = tiny3d
     a, w = _top_and_classifier(s)
-    logits = np.asarray(s.model.apply(s.variables, jnp.asarray(s.images)))
+    logits = np.asarray(s.logits(s.variables, jnp.asarray(s.images)))
     c = logits.argmax(1)
     nvox = np.prod(a.shape[1:-1])
     g = w[:, c].T / nvox  # (N, K)
@@ -77,15 +86,17 @@ def test_channel_weights_match_float64_finite_differences(tiny3d, x64):
     v64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), s.variables)
     x = jnp.asarray(s.images[:2], jnp.float64)
     layer = "stage4"
-    a = model.apply(v64, x, upto=layer, method="features")[layer]
+    a = jax.jit(lambda v, x: model.apply(v, x, upto=layer, method="features")[layer])(v64, x)
     out = grad_cam(model, v64, x, layer=layer, upsample_to_input=False)
     targets = np.asarray(out.targets)
     nvox = np.prod(a.shape[1:-1])
     k = a.shape[-1]
     eps = 1e-6
 
+    after = jax.jit(lambda v, a: model.apply(v, a, layer, method="forward_from")[0])
+
     def logit_after(delta):  # delta (N, K): added to every voxel of each channel
-        logits, _ = model.apply(v64, a + delta[:, None, None, None, :], layer, method="forward_from")
+        logits = after(v64, a + delta[:, None, None, None, :])
         return logits[jnp.arange(a.shape[0]), targets]
 
     basis = jnp.eye(k, dtype=jnp.float64)
@@ -127,12 +138,16 @@ def test_batched_vjp_equals_per_cell_gradients_in_float64(tiny3d, x64):
     targets = jnp.array([3, -1, 0, 2], jnp.int32)
     logits, t, _, _, a, g = jax.jit(lambda v, x, t: layer_gradient(model, v, x, t, "stage3"))(v64, x, targets)
     assert g.dtype == jnp.float64 and g.shape == a.shape
+    # The reference: one crop at a time, plain `jax.grad` of the target logit (each jitted once).
+    features = jax.jit(lambda v, x: model.apply(v, x, upto="stage3", method="features")["stage3"])
+    after = jax.jit(lambda v, a: model.apply(v, a, "stage3", method="forward_from")[0][0])
+    grad = jax.jit(jax.grad(lambda act, v, t: model.apply(v, act, "stage3", method="forward_from")[0][0, t]))
     for i in range(x.shape[0]):
-        a_i = model.apply(v64, x[i : i + 1], upto="stage3", method="features")["stage3"]
-        y_i = model.apply(v64, a_i, "stage3", method="forward_from")[0][0]
+        a_i = features(v64, x[i : i + 1])
+        y_i = after(v64, a_i)
         want_t = int(targets[i]) if targets[i] >= 0 else int(np.argmax(np.asarray(y_i)))
         assert int(t[i]) == want_t
-        g_i = jax.grad(lambda act, t=want_t: model.apply(v64, act, "stage3", method="forward_from")[0][0, t])(a_i)
+        g_i = grad(a_i, v64, want_t)
         np.testing.assert_allclose(np.asarray(logits[i]), np.asarray(y_i), rtol=1e-12)
         np.testing.assert_allclose(np.asarray(g[i]), np.asarray(g_i[0]), rtol=1e-10, atol=1e-14 * float(jnp.abs(g_i).max()))
         assert float(jnp.abs(g_i).max()) > 0
@@ -141,7 +156,7 @@ def test_batched_vjp_equals_per_cell_gradients_in_float64(tiny3d, x64):
 def test_default_target_is_the_prediction(tiny3d):
     s = tiny3d
     out = explain(s.model, s.variables, s.images, s.masks, layer="stage4", return_cam=True)
-    logits = np.asarray(s.model.apply(s.variables, jnp.asarray(s.images)))
+    logits = np.asarray(s.logits(s.variables, jnp.asarray(s.images)))
     np.testing.assert_array_equal(np.asarray(out.targets), logits.argmax(1))
     explicit = explain(s.model, s.variables, s.images, s.masks, layer="stage4", targets=logits.argmax(1))
     np.testing.assert_allclose(np.asarray(explicit.scores.cell), np.asarray(out.scores.cell), rtol=1e-6)
@@ -153,8 +168,8 @@ def test_one_pass_agrees_with_separate_computations(tiny3d):
         s.model, s.variables, s.images, s.masks, layer="stage4", feature_layers=("stage2", "stage4", "top"), return_cam=True
     )
     x = jnp.asarray(s.images)
-    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(s.model.apply(s.variables, x)), rtol=1e-5, atol=1e-5)
-    feats = s.model.apply(s.variables, x, method="features")
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(s.logits(s.variables, x)), rtol=1e-5, atol=1e-5)
+    feats = s.features(s.variables, x)
     for name in ("stage2", "stage4", "top"):
         np.testing.assert_allclose(
             np.asarray(out.features[name]), np.asarray(feats[name]).mean(axis=(1, 2, 3)), rtol=1e-5, atol=1e-5

@@ -17,6 +17,19 @@ from jax import lax
 
 from gradcamo_jax.models import conv as convlib
 
+# The quick loop (`make test-fast`): one case per formulation (dense; depthwise fused, looped and
+# in output phases, all strided 3D with a mixed stride); the full grids and second derivatives
+# run in `make test`.
+FAST = {
+    "test_auto_picks_shifted_on_cpu_and_rejects_unknown",
+    "test_bad_shapes_name_expected_and_actual",
+    "test_dead_taps_are_cut_only_on_stride_one_axes",
+    "test_value_and_gradients_match_lax_conv_in_float64[fused-3d-k3-s122-dense]",
+    "test_value_and_gradients_match_lax_conv_in_float64[fused-3d-k3-s122-depthwise]",
+    "test_value_and_gradients_match_lax_conv_in_float64[loop-3d-k3-s122-depthwise]",
+    "test_value_and_gradients_match_lax_conv_in_float64[phases-3d-k3-s122-depthwise]",
+}
+
 
 def reference(x, w, strides, depthwise):
     """Plain `lax.conv_general_dilated` with symmetric k // 2 padding, channels-last."""

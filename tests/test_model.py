@@ -9,6 +9,17 @@ import pytest
 
 from gradcamo_jax import STAGE_NAMES, EfficientNet, ModelConfig, init
 
+# The quick loop: geometry, errors and one parameter count; the other variants, train mode and
+# bfloat16 in `make test`.
+FAST = {
+    "test_2d_parameter_count_matches_torchvision[b0]",
+    "test_default_strides_keep_21_slices_from_vanishing",
+    "test_per_axis_stage_strides",
+    "test_2d_odd_input_shapes",
+    "test_wrong_rank_raises",
+    "test_unknown_layer_and_variant",
+}
+
 # torchvision.models.efficientnet_b{0..7}(num_classes=1000): trainable parameter counts
 # (published in torchvision's model table), an independent check of widths, depths,
 # squeeze-excite sizes and the head.

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Building and installing a wheel takes a minute: `make test` only.
+FAST: set[str] = set()
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

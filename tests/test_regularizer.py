@@ -15,6 +15,12 @@ from gradcamo_jax.cam import soft_gradcamo
 from gradcamo_jax.config import DataConfig, TrainConfig
 from gradcamo_jax.train import create_state, learning_rate_schedule, make_optimizer, train_step
 
+# The quick loop checks the settings only; every check of the penalty compiles a second-order
+# program and runs in `make test`.
+FAST = {
+    "test_bad_penalty_settings_are_rejected",
+}
+
 
 def _numpy_ratio(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Σ cam·[mask = 1] / Σ cam per cell in float64 NumPy; NaN where the map sums to 0."""

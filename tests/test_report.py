@@ -11,6 +11,13 @@ from gradcamo_jax.data import formats
 from gradcamo_jax.report import ReportConfig, headline, make_report, pick_examples
 from gradcamo_jax.scoring import MANIFEST, PART
 
+# The quick loop: the headline and example picks; the figures (UMAP compiles with numba) in `make test`.
+FAST = {
+    "test_headline_numbers_are_the_tables",
+    "test_examples_are_extremes_among_saved_cams",
+    "test_missing_part_is_a_clear_error",
+}
+
 SPATIAL = (5, 24, 24)
 
 

@@ -15,6 +15,11 @@ import pytest
 
 from gradcamo_jax import runtime
 
+# The quick loop: the environment rule; restarts in fresh processes in `make test`.
+FAST = {
+    "test_environ_adds_the_tunable_and_keeps_the_users",
+}
+
 
 def test_environ_adds_the_tunable_and_keeps_the_users():
     assert runtime.hugepage_environ({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"

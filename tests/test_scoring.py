@@ -21,6 +21,14 @@ from gradcamo_jax import EfficientNet, ModelConfig, calibrate_batch_stats, expla
 from gradcamo_jax.data import formats
 from gradcamo_jax.scoring import PART, ScoreConfig, cam_rows, read_cams, read_profiles, score_dataset
 
+# The quick loop: the profiles equal one `explain` call, their columns, and the part rule; resume,
+# errors, CAM samples, shards and other device or process counts in `make test`.
+FAST = {
+    "test_profiles_equal_one_explain_call_on_all_cells",
+    "test_columns_are_pycytominer_style",
+    "test_assigned_parts_cover_every_part_once",
+}
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig("tiny", num_classes=3, stem_stride=(1, 2, 2), conv_impl="xla")
 SPATIAL, CHANNELS, N = (5, 20, 16), 3, 37

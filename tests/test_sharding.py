@@ -20,11 +20,6 @@ from gradcamo_jax import sharding
 RTOL, ATOL = 1e-4, 1e-5
 
 
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax-cache")
-
-
 def test_mesh_is_auto_and_spans_all_devices():
     mesh = sharding.make_mesh()
     assert mesh.axis_names == (sharding.DATA_AXIS,)

@@ -96,7 +96,8 @@ def table(seed=0):
             for _ in range(40):
                 rows.append({"Metadata_Plate": plate, "Metadata_Dose": dose})
     df = pd.DataFrame(rows)
-    feats = correlated(len(df), 5, seed=seed) + df["Metadata_Plate"].map({"P1": 0.0, "P2": 4.0})  # a plate shift.to_numpy()[:, None]
+    shift = df["Metadata_Plate"].map({"P1": 0.0, "P2": 4.0}).to_numpy()[:, None]  # a plate effect
+    feats = correlated(len(df), 5, seed=seed) + shift
     for i in range(5):
         df[f"f{i}"] = feats[:, i]
     return df

@@ -18,12 +18,6 @@ from _subproc import load_params, run_worker, start_worker, worker_env
 from gradcamo_jax import train
 from gradcamo_jax.config import ModelConfig, TrainConfig, apply_overrides, config_from_dict, config_to_dict, load_preset
 
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax-cache")
-
-
 # ----------------------------------------------------------------------------- configs
 
 

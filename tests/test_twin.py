@@ -38,6 +38,17 @@ from gradcamo_jax.peers.torch_twin import (  # noqa: E402
     to_channels_first,
 )
 
+# The quick loop: the twin reproduces the tiny 3D model, loading fails loudly, and one map
+# against pytorch-grad-cam; the other sizes, methods and peers in `make test`.
+FAST = {
+    "test_twin_reproduces_logits_and_every_named_activation[tiny3d-xla]",
+    "test_twin_rejects_another_input_shape",
+    "test_load_flax_variables_fails_loudly",
+    "test_raw_maps_match_pytorch_grad_cam[gradcam-stage4-xla]",
+    "test_gradcampp_formula_is_pytorch_grad_cams",
+    "test_min_max_shift_changes_gradcamo_of_positive_maps",
+}
+
 # One class per crop, all different; chosen so that no map of the tested layers/methods is
 # entirely zero (a dead map would make a comparison vacuous; each test asserts it).
 TARGETS = np.array([3, 0, 2])

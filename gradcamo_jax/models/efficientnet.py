@@ -137,9 +137,14 @@ class EfficientNet(nn.Module):
 
 def init(config: ModelConfig, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
     """Initial variables ``{"params", "batch_stats"}`` for inputs of ``input_shape`` = ``(*S, C)`` (no batch axis)."""
-    model = EfficientNet(config)
     x = jnp.zeros((1, *input_shape), jnp.float32)
-    return jax.jit(functools.partial(model.init, train=False))(rng, x)
+    return _init_fn(config)(rng, x)
+
+
+@functools.lru_cache(maxsize=32)
+def _init_fn(config: ModelConfig):
+    # One jitted function per config, so repeated inits (seeds, random-model baselines) compile once.
+    return jax.jit(functools.partial(EfficientNet(config).init, train=False))
 
 
 def calibrate_batch_stats(model: EfficientNet, variables: dict, images: jax.Array) -> dict:
