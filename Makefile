@@ -23,11 +23,16 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Two test processes (pytest-xdist), each file in one of them so its fixtures are built once.
+# The suite is compile-bound and XLA:CPU compiles mostly on one thread, so two processes use both cores.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m 'not slow' tests
+	$(PYTEST) -m 'not slow' tests
 
 demo: $(STAMP)
 	$(VENV)/bin/gradcamo demo --out demo_out

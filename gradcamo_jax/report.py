@@ -47,6 +47,7 @@ class ReportConfig:
     Attributes:
       sphering: how profiles are sphered before UMAP (controls = dose 0 by default);
         None = raw features.
+      umap: draw the UMAP of the profiles (False skips it; numba compiles UMAP on first use).
       umap_max_cells: cells embedded by UMAP (a seeded random subset above this).
       umap_neighbors: UMAP's n_neighbors (capped at N - 1).
       seed: seed of subsampling and UMAP.
@@ -55,6 +56,7 @@ class ReportConfig:
     """
 
     sphering: SpherizeConfig | None = SpherizeConfig()
+    umap: bool = True
     umap_max_cells: int = 20000
     umap_neighbors: int = 15
     seed: int = 0
@@ -93,6 +95,24 @@ def headline(profiles: pd.DataFrame, threshold: float = 0.5) -> dict:
             out["accuracy_held_out_wells"] = float(correct[held].mean()) if held.any() else float("nan")
             out["held_out_cells"] = int(held.sum())
     return out
+
+
+UNINFORMATIVE_CORR = 0.8
+"""Above this Pearson correlation between Grad-CAMO and the chance level (the cell's volume
+fraction) the report warns that the scores mostly restate cell size."""
+
+
+def layer_diagnostics(profiles: pd.DataFrame, manifest: dict) -> dict:
+    """What the score was computed from and whether it says more than the cell's size: the
+    explained layer and method, its map shape (Z, Y, X) on these crops, and the Pearson
+    correlation of Grad-CAMO with the chance level over the defined scores."""
+    s, c = profiles[GCO], profiles[CHANCE]
+    ok = s.notna() & c.notna()
+    corr = float(np.corrcoef(s[ok], c[ok])[0, 1]) if ok.sum() > 2 and s[ok].std() > 0 and c[ok].std() > 0 else float("nan")
+    shape = manifest.get("layer_map_shape")
+    return {"layer": manifest.get("layer"), "method": manifest.get("method"),
+            "layer_map_shape": "×".join(map(str, shape)) if shape else "unknown",
+            "corr_gradcamo_vs_chance": corr}
 
 
 def _embed(profiles: pd.DataFrame, config: ReportConfig) -> tuple[np.ndarray, pd.DataFrame]:
@@ -262,7 +282,7 @@ def figures_from_profiles(profiles: pd.DataFrame, out_dir: str | os.PathLike, co
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = {}
-    if feature_columns(profiles):
+    if config.umap and feature_columns(profiles):
         figs["umap"] = plot_umap(profiles, out / "umap.png", config)
     if "Metadata_Dose" in profiles:
         figs["scores_by_dose"] = plot_distributions(profiles, "Metadata_Dose", out / "scores_by_dose.png", "dose")
@@ -328,7 +348,14 @@ def make_report(
         preprocess = functools.partial(centre_crop_and_bin, crop_shape=None if crop is None else tuple(crop),
                                        downsample=tuple(manifest["downsample"]))
     figs = figures_from_profiles(profiles, out, config, store=store, cam_rows=rows, cams=cams, preprocess=preprocess)
-    head = {**headline(profiles, config.threshold), **(extra or {})}
+    diag = layer_diagnostics(profiles, manifest)
+    head = {**diag, **headline(profiles, config.threshold), **(extra or {})}
+    warn = ""
+    if np.isfinite(diag["corr_gradcamo_vs_chance"]) and diag["corr_gradcamo_vs_chance"] > UNINFORMATIVE_CORR:
+        warn = (f"<p style='color:#a00'><b>Warning:</b> Grad-CAMO correlates {diag['corr_gradcamo_vs_chance']:.2f} "
+                "with the chance level (each cell's volume fraction): at this layer the scores mostly restate cell "
+                f"size, not where the model looks. Explain a finer layer (the {html.escape(diag['layer_map_shape'])} "
+                "map is upsampled to the whole crop).</p>")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -339,6 +366,7 @@ def make_report(
         f"<h1>{html.escape(title)}</h1>",
         "<p>Grad-CAMO (Gopalakrishnan, Ma &amp; Xie, CVPR-W 2024) is the fraction of a profile's Grad-CAM "
         "attention that lies on the segmented cell it describes: 0 = all elsewhere, 1 = all on the cell.</p>",
+        warn,
         "<h2>Headline</h2>",
         _table_html(pd.DataFrame({"value": pd.Series(head, dtype=object)})),
     ]
@@ -359,4 +387,4 @@ def make_report(
     return index
 
 
-__all__ = ["ReportConfig", "figures_from_profiles", "headline", "make_report", "pick_examples"]
+__all__ = ["ReportConfig", "figures_from_profiles", "headline", "layer_diagnostics", "make_report", "pick_examples"]

@@ -49,10 +49,10 @@ import numpy as np
 import pandas as pd
 
 from gradcamo_jax.cam import make_explain_fn
-from gradcamo_jax.config import ModelConfig
+from gradcamo_jax.config import STAGE_NAMES, ModelConfig
 from gradcamo_jax.data import formats
 from gradcamo_jax.metric import SCORE_COLUMNS
-from gradcamo_jax.models.efficientnet import EfficientNet, layer_index
+from gradcamo_jax.models.efficientnet import EfficientNet, layer_index, layer_shapes
 from gradcamo_jax.sharding import batch_sharding, make_mesh
 
 MANIFEST = "manifest.json"
@@ -66,7 +66,8 @@ class ScoreConfig:
     """What `score_dataset` computes and how it batches.
 
     Attributes:
-      layer: the named activation Grad-CAM explains (`gradcamo_jax.STAGE_NAMES`).
+      layer: the named activation Grad-CAM explains (`gradcamo_jax.STAGE_NAMES`), or "auto":
+        `default_layer` of the model and the crop.
       method: CAM method, a key of `gradcamo_jax.CAM_METHODS`.
       feature_layers: layers whose spatially pooled activations become feature
         columns; () = `layer` only.
@@ -76,18 +77,22 @@ class ScoreConfig:
       cam_sample: number of cells whose CAM volumes (float16) are saved for audits,
         spread evenly over the dataset (0 = none).
       prefetch: batches read from the crop store ahead of the device (threads).
+      allow_coarse_layer: score even when the layer's map is too coarse to tell the cell from
+        its surroundings (`check_layer_resolution`); the scores then mostly restate the
+        cell's volume fraction.
     """
 
-    layer: str = "stage5"
+    layer: str = "auto"
     method: str = "gradcam"
     feature_layers: tuple[str, ...] = ()
     batch_size: int = 32
     rows_per_shard: int = 4096
     cam_sample: int = 0
     prefetch: int = 2
+    allow_coarse_layer: bool = False
 
     def __post_init__(self):
-        for name in (self.layer, *self.feature_layers):
+        for name in ((self.layer,) if self.layer != "auto" else ()) + tuple(self.feature_layers):
             layer_index(name)
         if self.batch_size < 1 or self.rows_per_shard < 1 or self.cam_sample < 0:
             raise ValueError(f"ScoreConfig: batch_size, rows_per_shard must be >= 1 and cam_sample >= 0, got {self}")
@@ -95,6 +100,40 @@ class ScoreConfig:
     @property
     def layers(self) -> tuple[str, ...]:
         return self.feature_layers or (self.layer,)
+
+
+MIN_MAP_YX = 4
+"""A CAM layer must have at least this many voxels along Y and X: with fewer, the upsampled
+map cannot put the central cell and its surroundings in different voxels, and Grad-CAMO
+only restates the cell's volume fraction (`gradcamo score` refuses unless forced)."""
+
+AUTO_MIN_MAP_YX = 8
+"""`default_layer` picks the deepest layer whose map has at least this many voxels along Y and X."""
+
+
+def default_layer(config: ModelConfig, spatial: tuple[int, ...]) -> str:
+    """The layer `ScoreConfig(layer="auto")` explains for crops of `spatial` (as the model sees
+    them): the deepest named layer whose map keeps ≥ `AUTO_MIN_MAP_YX` voxels along Y and X
+    (deeper layers are more class-specific), else the finest ("stem")."""
+    shapes = layer_shapes(config, spatial)
+    ok = [name for name in STAGE_NAMES if min(shapes[name][-2:]) >= AUTO_MIN_MAP_YX]
+    return ok[-1] if ok else "stem"
+
+
+def check_layer_resolution(config: ModelConfig, spatial: tuple[int, ...], layer: str, allow: bool = False) -> tuple[int, ...]:
+    """The layer's map shape for crops of `spatial`; ValueError (unless `allow`) when it has fewer
+    than `MIN_MAP_YX` voxels along Y or X, naming the layers that would do."""
+    shapes = layer_shapes(config, spatial)
+    shape = shapes[layer]
+    if min(shape[-2:]) < MIN_MAP_YX and not allow:
+        fine = [n for n in STAGE_NAMES if min(shapes[n][-2:]) >= MIN_MAP_YX]
+        raise ValueError(
+            f"layer {layer!r} gives a {'×'.join(map(str, shape))} map on {'×'.join(map(str, spatial))} crops: too coarse "
+            f"to tell the cell from its surroundings (Grad-CAMO would restate the cell's volume fraction). Use a "
+            f"finer layer ({', '.join(fine) or 'none fits: use bigger crops'}; 'auto' picks {default_layer(config, spatial)!r}) "
+            "or force it with --allow-coarse-layer"
+        )
+    return shape
 
 
 def model_tag(config: ModelConfig) -> str:
@@ -229,6 +268,14 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
     return table, (np.concatenate(cam_idx) if cam_idx else np.zeros((0,), np.int64)), cam_arr
 
 
+def _model_spatial(stored: tuple[int, ...], crop_shape, downsample, config: ModelConfig) -> tuple[int, ...]:
+    """Spatial shape the model sees: the stored crop after centre crop and binning (``(Y, X)``
+    for a 2D model)."""
+    spatial = stored if crop_shape is None else tuple(min(a, b) for a, b in zip(crop_shape, stored))
+    spatial = tuple(s // d for s, d in zip(spatial, downsample))
+    return spatial[-config.spatial_dims:]
+
+
 def _check_manifest(out_dir: Path, manifest: dict) -> None:
     path = out_dir / MANIFEST
     if not path.exists():
@@ -303,8 +350,13 @@ def score_dataset(
             raise ValueError(f"{data_dir}: cells.parquet Metadata_Row is not 0…N-1 in order; re-run the crop merge")
     if len(store) != len(cells):
         raise ValueError(f"{data_dir}: {len(cells)} rows in cells.parquet but {len(store)} crops; re-run the crop merge")
+    spatial = _model_spatial(tuple(store.image.shape[1:-1]), crop_shape, downsample, model.config)
+    if config.layer == "auto":
+        config = dataclasses.replace(config, layer=default_layer(model.config, spatial))
+    map_shape = check_layer_resolution(model.config, spatial, config.layer, config.allow_coarse_layer)
     manifest = {
         "layer": config.layer,
+        "layer_map_shape": list(map_shape),
         "method": config.method,
         "feature_layers": list(config.layers),
         "rows_per_shard": config.rows_per_shard,
@@ -409,5 +461,8 @@ def read_cams(out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([a["row"] for a in loaded]), np.concatenate([a["cam"] for a in loaded])
 
 
-__all__ = ["ScoreConfig", "assigned_parts", "cam_rows", "feature_names", "part_bounds", "read_cams", "read_profiles",
-           "score_dataset", "score_part", "verify_profiles"]
+__all__ = [
+    "AUTO_MIN_MAP_YX", "MIN_MAP_YX", "ScoreConfig", "assigned_parts", "cam_rows", "check_layer_resolution",
+    "default_layer", "feature_names", "part_bounds", "read_cams", "read_profiles", "score_dataset", "score_part",
+    "verify_profiles",
+]

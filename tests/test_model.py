@@ -18,6 +18,7 @@ FAST = {
     "test_2d_odd_input_shapes",
     "test_wrong_rank_raises",
     "test_unknown_layer_and_variant",
+    "test_layer_shapes_match_the_traced_network",
 }
 
 # torchvision.models.efficientnet_b{0..7}(num_classes=1000): trainable parameter counts
@@ -130,3 +131,24 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tiny3d):
     ref = np.asarray(ref)
     np.testing.assert_allclose(np.asarray(logits), ref, atol=0.05 * np.abs(ref).max())
     assert np.corrcoef(np.asarray(logits).ravel(), ref.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize(
+    "config, spatial",
+    [
+        (ModelConfig("tiny", stem_stride=(1, 2, 2)), (5, 32, 32)),
+        (ModelConfig("b0", stem_stride=(1, 2, 2)), (21, 128, 128)),
+        (ModelConfig("tiny", stage_strides=((1, 2, 2), 2, 2, (1, 2, 2), 1, 2, 1)), (9, 37, 50)),
+        (ModelConfig("tiny", spatial_dims=2), (31, 20)),
+    ],
+    ids=["tiny-5x32x32", "b0-paper", "tiny-odd", "tiny-2d"],
+)
+def test_layer_shapes_match_the_traced_network(config, spatial):
+    """The stride arithmetic of `layer_shapes` against the shapes the network actually produces."""
+    from gradcamo_jax.models.efficientnet import layer_shapes
+
+    model = EfficientNet(config)
+    x = jax.ShapeDtypeStruct((1, *spatial, 3), jnp.float32)
+    v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    feats = jax.eval_shape(lambda v, x: model.apply(v, x, method="features"), v, x)
+    assert layer_shapes(config, spatial) == {k: tuple(a.shape[1:-1]) for k, a in feats.items()}

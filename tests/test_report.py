@@ -16,6 +16,7 @@ FAST = {
     "test_headline_numbers_are_the_tables",
     "test_examples_are_extremes_among_saved_cams",
     "test_missing_part_is_a_clear_error",
+    "test_layer_diagnostics_flag_scores_that_restate_cell_size",
 }
 
 SPATIAL = (5, 24, 24)
@@ -110,3 +111,27 @@ def test_missing_part_is_a_clear_error(folder, tmp_path):
     formats.write_table(df.iloc[:50], tmp_path / PART.format(0))
     with pytest.raises(FileNotFoundError, match="2 of 3 profile parts missing"):
         make_report(tmp_path, tmp_path / "r")
+
+
+def test_layer_diagnostics_flag_scores_that_restate_cell_size(folder, tmp_path):
+    """The correlation of Grad-CAMO with the chance level, against NumPy on the defined scores;
+    a score that is the volume fraction plus noise is flagged in the page, an independent one is not."""
+    from gradcamo_jax.report import UNINFORMATIVE_CORR, layer_diagnostics
+
+    _, df = folder
+    manifest = {"layer": "stage2", "method": "gradcam", "layer_map_shape": [3, 8, 8]}
+    d = layer_diagnostics(df, manifest)
+    ok = df["Metadata_GradCAMO"].notna()
+    want = np.corrcoef(df.loc[ok, "Metadata_GradCAMO"], df.loc[ok, "Metadata_GradCAMO_Chance"])[0, 1]
+    assert d["corr_gradcamo_vs_chance"] == pytest.approx(want) and d["layer_map_shape"] == "3×8×8"
+    assert abs(d["corr_gradcamo_vs_chance"]) < UNINFORMATIVE_CORR
+    # Scores that only restate the volume fraction.
+    rng = np.random.default_rng(2)
+    size_only = df.assign(Metadata_GradCAMO=df["Metadata_GradCAMO_Chance"] * 1.05 + rng.normal(0, 0.002, len(df)))
+    for name, table in (("independent", df), ("size_only", size_only)):
+        out = tmp_path / name
+        formats.write_json({"n_cells": len(table), "rows_per_shard": 200, **manifest}, out / "profiles" / MANIFEST)
+        formats.write_table(table, out / "profiles" / PART.format(0))
+        text = make_report(out / "profiles", out / "report", config=ReportConfig(sphering=None, umap=False)).read_text()
+        assert ("mostly restate cell" in text) == (name == "size_only"), name
+        assert "3×8×8" in text

@@ -27,6 +27,7 @@ FAST = {
     "test_profiles_equal_one_explain_call_on_all_cells",
     "test_columns_are_pycytominer_style",
     "test_assigned_parts_cover_every_part_once",
+    "test_auto_layer_and_coarse_layer_guard",
 }
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def scored(tmp_path_factory):
     base = tmp_path_factory.mktemp("score")
     data = make_dataset(base / "data")
     model, v = model_and_variables()
-    cfg = ScoreConfig(layer="stage4", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
+    cfg = ScoreConfig(layer="stage2", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
     stats = score_dataset(model, v, data, base / "profiles", cfg, progress=False)
     return base, data, model, v, cfg, stats
 
@@ -77,7 +78,7 @@ def test_profiles_equal_one_explain_call_on_all_cells(scored):
     assert stats["parts"] == 3 and stats["scored_parts"] == 3
     prof = read_profiles(base / "profiles")
     store = formats.open_crops(data)
-    ref = explain(model, v, store.image[:].astype(np.float32), store.mask[:], layer="stage4",
+    ref = explain(model, v, store.image[:].astype(np.float32), store.mask[:], layer="stage2",
                   feature_layers=("stage4", "top"), return_cam=True)
     np.testing.assert_array_equal(prof["Metadata_ObjectNumber"], np.arange(1, N + 1))
     np.testing.assert_allclose(prof["Metadata_GradCAMO"], ref.scores.cell, rtol=1e-5, atol=1e-6)
@@ -116,7 +117,7 @@ def test_cam_sample_saved_for_audit(scored):
     rows, cams = read_cams(base / "profiles")
     np.testing.assert_array_equal(rows, cam_rows(N, 5))
     store = formats.open_crops(data)
-    ref = explain(model, v, store.image[rows].astype(np.float32), store.mask[rows], layer="stage4", return_cam=True)
+    ref = explain(model, v, store.image[rows].astype(np.float32), store.mask[rows], layer="stage2", return_cam=True)
     np.testing.assert_allclose(cams.astype(np.float32), ref.cam, rtol=2e-3, atol=2e-3 * float(np.max(ref.cam)))
     np.testing.assert_allclose(gradcamo(cams.astype(np.float32), store.mask[rows]).cell, ref.scores.cell, atol=2e-3)
 
@@ -124,7 +125,7 @@ def test_cam_sample_saved_for_audit(scored):
 def test_rerun_with_other_settings_refuses(scored):
     base, data, model, v, cfg, _ = scored
     with pytest.raises(ValueError, match="another run"):
-        score_dataset(model, v, data, base / "profiles", ScoreConfig(layer="stage5", rows_per_shard=16), progress=False)
+        score_dataset(model, v, data, base / "profiles", ScoreConfig(layer="stage1", rows_per_shard=16), progress=False)
     stats = score_dataset(model, v, data, base / "profiles", cfg, progress=False)
     assert stats["scored_parts"] == 0
 
@@ -137,7 +138,7 @@ def test_nan_crop_names_the_cell(tmp_path):
     formats.write_crop_store(data / "crops.zarr", img, store.mask[:])
     model, v = model_and_variables()
     with pytest.raises(ValueError, match=r"crop row 4 .*A00/site 1, object 5"):
-        score_dataset(model, v, data, tmp_path / "p", ScoreConfig(layer="stage4", batch_size=4), progress=False)
+        score_dataset(model, v, data, tmp_path / "p", ScoreConfig(layer="stage2", batch_size=4), progress=False)
 
 
 WORKER = textwrap.dedent(
@@ -147,7 +148,7 @@ WORKER = textwrap.dedent(
     import test_scoring as t
     from gradcamo_jax.scoring import ScoreConfig, score_dataset
     model, v = t.model_and_variables()
-    cfg = ScoreConfig(layer="stage4", batch_size=4, rows_per_shard=4)
+    cfg = ScoreConfig(layer="stage2", batch_size=4, rows_per_shard=4)
     slow = len(sys.argv) > 2
     if slow:  # make each part take a while so the parent can kill us between and inside parts
         import gradcamo_jax.scoring as p
@@ -199,7 +200,7 @@ def test_eight_devices_give_the_same_profiles(tmp_path, scored):
         import test_scoring as t
         from gradcamo_jax.scoring import ScoreConfig, score_dataset
         model, v = t.model_and_variables()
-        cfg = ScoreConfig(layer="stage4", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
+        cfg = ScoreConfig(layer="stage2", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
         score_dataset(model, v, {str(base / 'data')!r}, {str(tmp_path / 'p8')!r}, cfg, progress=False)
         """
     ))
@@ -254,7 +255,7 @@ DISTRIBUTED_WORKER = textwrap.dedent(
     import test_scoring as t
     from gradcamo_jax.scoring import ScoreConfig, score_dataset
     model, v = t.model_and_variables()
-    cfg = ScoreConfig(layer="stage4", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
+    cfg = ScoreConfig(layer="stage2", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
     print(score_dataset(model, v, {data!r}, {out!r}, cfg, progress=False))
     """
 )
@@ -285,3 +286,27 @@ def test_two_processes_give_the_one_process_profiles(scored, tmp_path):
     order, ref_order = np.argsort(rows), np.argsort(ref_rows)
     np.testing.assert_array_equal(rows[order], ref_rows[ref_order])
     np.testing.assert_array_equal(cams[order], ref_cams[ref_order])
+
+
+# ----------------------------------------------------------------------------- layer resolution
+
+
+def test_auto_layer_and_coarse_layer_guard(tmp_path):
+    """"auto" picks the deepest layer with an 8-voxel map in Y and X; a map under 4 voxels is
+    refused (it would only restate the cell's volume fraction) unless forced, and the manifest
+    records the map size."""
+    b0 = ModelConfig("b0", num_classes=6, stem_stride=(1, 2, 2))
+    assert scoring.default_layer(b0, (21, 128, 128)) == "stage5"  # (3, 8, 8); stage6 is (2, 4, 4)
+    assert scoring.default_layer(ModelConfig("tiny", stem_stride=(1, 2, 2)), (5, 32, 32)) == "stage2"
+    assert scoring.default_layer(CONFIG, SPATIAL) == "stage1"  # stem and stage1 (5, 10, 8); stage2 (3, 5, 4)
+    with pytest.raises(ValueError, match=r"'stage5' gives a 2×2×2 map on 5×32×32 crops.*'auto' picks 'stage2'"):
+        scoring.check_layer_resolution(ModelConfig("tiny", stem_stride=(1, 2, 2)), (5, 32, 32), "stage5")
+    data = make_dataset(tmp_path / "data", n=6)
+    model, v = model_and_variables()
+    with pytest.raises(ValueError, match="too coarse.*--allow-coarse-layer"):
+        score_dataset(model, v, data, tmp_path / "p", ScoreConfig(layer="stage4"), progress=False)
+    assert not (tmp_path / "p" / scoring.MANIFEST).exists()
+    score_dataset(model, v, data, tmp_path / "p", ScoreConfig(layer="stage4", allow_coarse_layer=True, batch_size=8),
+                  progress=False)
+    manifest = formats.read_json(tmp_path / "p" / scoring.MANIFEST)
+    assert manifest["layer"] == "stage4" and manifest["layer_map_shape"] == [2, 2, 2]

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gradcamo_jax.config import STAGE_NAMES, ModelConfig
+from gradcamo_jax.config import STAGE_NAMES, ModelConfig, effective_strides
 from gradcamo_jax.models.layers import ConvBN, Stage, dense_init
 
 
@@ -133,6 +133,26 @@ class EfficientNet(nn.Module):
         """Logits ``(B, num_classes)`` of images ``x`` ``(B, *S, C)``."""
         a = self.features(x, train)["top"]
         return self.head(a, train)
+
+
+def layer_shapes(config: ModelConfig, spatial: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Spatial shape of every named activation (`STAGE_NAMES`) for crops of `spatial`
+    (``(Z, Y, X)`` or ``(Y, X)``, no batch or channel axis), by the stride rule the layers
+    apply (`gradcamo_jax.config.effective_strides`, output ``ceil(n / s)``) without tracing."""
+    if len(spatial) != config.spatial_dims:
+        raise ValueError(f"spatial {tuple(spatial)} has {len(spatial)} axes; the model has spatial_dims={config.spatial_dims}")
+
+    def strided(shape, stride):
+        eff = effective_strides(shape, config.axis_strides(stride), config.min_size)
+        return tuple(-(-n // s) for n, s in zip(shape, eff))
+
+    shape = strided(tuple(int(n) for n in spatial), config.stem_stride)
+    out = {"stem": shape}
+    for i, spec in enumerate(config.stages()):
+        shape = strided(shape, spec.stride)
+        out[f"stage{i + 1}"] = shape
+    out["top"] = shape
+    return out
 
 
 def init(config: ModelConfig, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
