@@ -147,7 +147,7 @@ def run_plate(signal: str, strength: float, out_dir: Path, config: DemoConfig, p
     trained_cfg, variables = load_checkpoint(out_dir / "run", "best")
     model = EfficientNet(dataclasses.replace(trained_cfg.model, dtype="float32"))
     score_cfg = ScoreConfig(layer=config.layer, method=config.method, feature_layers=(config.layer, "top"), batch_size=32,
-                            rows_per_shard=1024, cam_sample=config.cam_sample)
+                            rows_per_shard=1024, cam_sample=config.cam_sample, audit=True)
     stats = score_dataset(model, variables, data, out_dir / "profiles", score_cfg, crop_shape=trained_cfg.data.crop_shape,
                           downsample=trained_cfg.data.downsample,
                           progress=progress)
@@ -170,6 +170,7 @@ def run_plate(signal: str, strength: float, out_dir: Path, config: DemoConfig, p
 
 def _index_html(results: list[dict]) -> str:
     rows = ["cells", "accuracy_held_out_wells", "mean_gradcamo", "frac_above_threshold", "mean_chance",
+            "mean_gradcamo_random_model", "mean_gradcamo_corrected", "mean_context_reliance",
             "attention_cell", "attention_neighbors", "attention_background", "train_s", "score_cells_per_s"]
     head = "".join(f"<th>dose signal in the {html.escape(r['signal'])}</th>" for r in results)
 

@@ -87,6 +87,11 @@ def headline(profiles: pd.DataFrame, threshold: float = 0.5) -> dict:
         "attention_neighbors": float(profiles[SCORE_COLUMNS["neighbors"]].mean()),
         "attention_background": float(profiles[SCORE_COLUMNS["background"]].mean()),
     }
+    if "Metadata_Audit_ContextReliance" in profiles:
+        out["mean_context_reliance"] = float(profiles["Metadata_Audit_ContextReliance"].mean())
+        out["undefined_context_reliance"] = int(profiles["Metadata_Audit_ContextReliance"].isna().sum())
+        out["mean_gradcamo_random_model"] = float(profiles["Metadata_GradCAMO_Random"].mean())
+        out["mean_gradcamo_corrected"] = float(profiles["Metadata_GradCAMO_Corrected"].mean())
     if {"Metadata_Predicted", "Metadata_Class"} <= set(profiles.columns):
         correct = profiles["Metadata_Predicted"] == profiles["Metadata_Class"]
         out["accuracy_all"] = float(correct.mean())

@@ -45,6 +45,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -77,6 +78,14 @@ class ScoreConfig:
       cam_sample: number of cells whose CAM volumes (float16) are saved for audits,
         spread evenly over the dataset (0 = none).
       prefetch: batches read from the crop store ahead of the device (threads).
+      audit: also write the audit columns per cell (`gradcamo_jax.audit`): counterfactual
+        drops of the target log-probability for each region (background, neighbours, cell,
+        context) replaced by each of `audit_fills`, the context-reliance index, and the
+        Grad-CAMO of the same architecture with random weights (BatchNorm calibrated on the
+        dataset's first 64 crops) with the corrected score. Costs one forward per variant.
+      audit_fills: fills of the counterfactuals (`audit.FILLS` except "swap").
+      audit_seed: seed of the fills' noise (per cell: folded with the cell's row, so values do
+        not depend on batching or sharding) and of the random model.
       allow_coarse_layer: score even when the layer's map is too coarse to tell the cell from
         its surroundings (`check_layer_resolution`); the scores then mostly restate the
         cell's volume fraction.
@@ -90,8 +99,13 @@ class ScoreConfig:
     cam_sample: int = 0
     prefetch: int = 2
     allow_coarse_layer: bool = False
+    audit: bool = False
+    audit_fills: tuple[str, ...] = ("noise", "blur")
+    audit_seed: int = 0
 
     def __post_init__(self):
+        if self.audit and (not self.audit_fills or "swap" in self.audit_fills):
+            raise ValueError(f"ScoreConfig.audit_fills={self.audit_fills}: name fills among noise, blur, mean")
         for name in ((self.layer,) if self.layer != "auto" else ()) + tuple(self.feature_layers):
             layer_index(name)
         if self.batch_size < 1 or self.rows_per_shard < 1 or self.cam_sample < 0:
@@ -198,7 +212,8 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
 
 
 def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows: tuple[int, int], config: ScoreConfig,
-               *, crop_shape=None, downsample=(1, 1, 1), on_batch=None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+               *, crop_shape=None, downsample=(1, 1, 1), on_batch=None, random_variables=None
+               ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Score rows ``[rows[0], rows[1])`` of the dataset, each crop centre-cropped to `crop_shape`
     and binned by `downsample` as the model was trained (`DataConfig` fields of those names).
 
@@ -227,7 +242,8 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
             )
         x = jax.device_put(_pad(images, batch), sharding)
         m = jax.device_put(_pad(masks, batch), sharding)
-        out = jax.device_get(fn(variables, x, m, targets))
+        out_dev = fn(variables, x, m, targets)
+        out = jax.device_get(out_dev)
         s = out.scores
         logits = out.logits[:n]
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -244,6 +260,9 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
         }
         for layer in config.layers:
             got[f"__feat_{layer}"] = out.features[layer][:n]
+        if config.audit:
+            got.update(_audit_columns(model, variables, random_variables, fn, x, m, out_dev.targets, s.cell[:n], first,
+                                      config, n))
         for k, v in got.items():
             cols.setdefault(k, []).append(np.asarray(v))
         if out.cam is not None:
@@ -266,6 +285,37 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
     table = pd.concat(frames, axis=1)
     cam_arr = np.concatenate(cams) if cams else np.zeros((0, 0, 0, 0), np.float16)
     return table, (np.concatenate(cam_idx) if cam_idx else np.zeros((0,), np.int64)), cam_arr
+
+
+def _audit_settings(config: ScoreConfig):
+    from gradcamo_jax import audit
+
+    fills = tuple(config.audit_fills)
+    return audit.RelianceSettings(fills=fills, cri_fill="noise" if "noise" in fills else fills[0])
+
+
+def _audit_columns(model, variables, random_variables, fn, x, m, targets, trained, first: int, config: ScoreConfig,
+                   n: int) -> dict:
+    """The audit's per-cell columns for one padded batch (rows ``first …``); see `ScoreConfig.audit`."""
+    from gradcamo_jax import audit
+
+    settings = _audit_settings(config)
+    base = jax.random.key(config.audit_seed)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first, first + x.shape[0]))
+    res = jax.device_get(audit.reliance_batch(audit.efficientnet_logits(model, variables), x, m, keys, targets,
+                                              settings=settings))
+    cols = {"Metadata_Audit_LogP": res.logp0[:n]}
+    for i, region in enumerate(res.regions):
+        for j, fill in enumerate(res.fills):
+            cols[f"Metadata_Audit_Drop_{region.capitalize()}_{fill.capitalize()}"] = res.drops[:n, i, j]
+    cols["Metadata_Audit_ContextReliance"] = res.cri[:n]
+    cols["Metadata_Audit_ContextReliance_Undefined"] = res.cri_undefined[:n]
+    # The random model explains the trained model's class, so the two maps differ only in the weights.
+    rand = jax.device_get(fn(random_variables, x, m, targets)).scores.cell[:n]
+    corrected, _ = audit.corrected_gradcamo(trained, rand)
+    cols["Metadata_GradCAMO_Random"] = rand
+    cols["Metadata_GradCAMO_Corrected"] = np.asarray(corrected)
+    return cols
 
 
 def _model_spatial(stored: tuple[int, ...], crop_shape, downsample, config: ModelConfig) -> tuple[int, ...]:
@@ -364,8 +414,16 @@ def score_dataset(
         "model": dataclasses.asdict(model.config),
         "crop_shape": None if crop_shape is None else list(crop_shape),
         "downsample": list(downsample),
+        "audit": None if not config.audit else {"fills": list(config.audit_fills), "seed": config.audit_seed},
         **_fingerprint(cells, variables),
     }
+    random_variables = None
+    if config.audit:
+        from gradcamo_jax import audit
+
+        calib = next(_batches(store, 0, min(64, len(cells)), 64, 0, crop_shape, downsample))[1]
+        random_variables = audit.randomized_variables(dataclasses.replace(model.config, dtype="float32"),
+                                                      jax.random.key(config.audit_seed), calib)
     out_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         _check_manifest(out_dir, manifest)
@@ -379,7 +437,8 @@ def score_dataset(
     with tqdm(total=total, unit="cell", desc="score", disable=not progress, smoothing=0.1) as bar:
         for k in todo:
             table, idx, cams = score_part(model, variables, store, cells, bounds[k], config, crop_shape=crop_shape,
-                                          downsample=downsample, on_batch=bar.update)
+                                          downsample=downsample, on_batch=bar.update,
+                                          random_variables=random_variables)
             if len(idx):
                 # CAMs first: a part's parquet file is the marker that the whole part is done.
                 formats.write_arrays(out_dir / CAM_DIR / PART.format(k).replace(".parquet", ".zarr"),

@@ -310,3 +310,30 @@ def test_auto_layer_and_coarse_layer_guard(tmp_path):
                   progress=False)
     manifest = formats.read_json(tmp_path / "p" / scoring.MANIFEST)
     assert manifest["layer"] == "stage4" and manifest["layer_map_shape"] == [2, 2, 2]
+
+
+def test_audit_columns_equal_the_audit_library_per_cell(tmp_path):
+    """`--audit` columns: the same numbers as `audit.model_reliance` and `audit.random_baseline`
+    on the whole array (cell keys folded with the row, so batching does not change them)."""
+    from gradcamo_jax import audit
+
+    data = make_dataset(tmp_path / "data", n=10)
+    model, v = model_and_variables()
+    cfg = ScoreConfig(layer="stage1", batch_size=4, rows_per_shard=16, audit=True, audit_fills=("noise", "mean"))
+    score_dataset(model, v, data, tmp_path / "p", cfg, progress=False)
+    prof = read_profiles(tmp_path / "p")
+    store = formats.open_crops(data)
+    images, masks = store.image[:].astype(np.float32), store.mask[:]
+    settings = audit.RelianceSettings(fills=("noise", "mean"))
+    base = jax.random.key(0)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(np.arange(10))
+    ref = audit.model_reliance(model, v, images, masks, key=keys, settings=settings)
+    for region in ("background", "neighbors", "cell", "context"):
+        for fill in ("noise", "mean"):
+            col = f"Metadata_Audit_Drop_{region.capitalize()}_{fill.capitalize()}"
+            np.testing.assert_allclose(prof[col], ref.drop(region, fill), rtol=1e-4, atol=1e-5, err_msg=col)
+    np.testing.assert_allclose(prof["Metadata_Audit_ContextReliance"], ref.cri, rtol=1e-4, atol=1e-5)
+    rv = audit.randomized_variables(CONFIG, jax.random.key(0), images[:10])
+    rb = audit.random_baseline(model, v, images, masks, random_variables=rv, layer="stage1")
+    np.testing.assert_allclose(prof["Metadata_GradCAMO_Random"], rb.gradcamo_random, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(prof["Metadata_GradCAMO_Corrected"], rb.corrected, rtol=1e-4, atol=1e-5)
