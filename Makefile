@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # fault per 4 KiB (B0 forward 1.38x faster here; see gradcamo_jax/runtime.py). No-op off glibc.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: venv lint test test-fast demo benchmark clean
+.PHONY: venv lint test test-fast demo benchmark accelerator-check-dry gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/gradcamo demo --out demo_out
+
+# The GPU check's code on the CPU at tiny sizes (also run by `make test`).
+accelerator-check-dry: $(STAMP)
+	$(PY) -m experiments.accelerator_check --dry --out build/accelerator_check_dry
+
+# Wheels the lent GPU image lacks (Python 3.12), carried with the working tree in .whl/.
+gpu-wheels: $(STAMP)
+	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 ttach==0.0.3
+	$(PIP) wheel --no-deps -w .whl grad-cam==1.5.7
 
 benchmark: $(STAMP)
 	$(PY) -m experiments.benchmark --quick
