@@ -440,12 +440,18 @@ def reliance_batch(logits_fn: LogitsFn, images: jax.Array, masks: jax.Array, key
                          images if donors is None else donors, settings=settings)
 
 
+def cell_keys(key: jax.Array, rows) -> jax.Array:
+    """One key per cell ``(len(rows),)``: ``fold_in(key, row)``, so a cell's fills depend on its
+    row in the dataset, not on how the rows were batched or sharded."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(rows))
+
+
 def _cell_keys(key, n: int) -> jax.Array:
     """``(n,)`` keys from one key (cell i gets ``fold_in(key, i)``) or ``(n,)`` keys as they are."""
     typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     single = key.ndim == (0 if typed else 1)
     if single:
-        return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+        return cell_keys(key, jnp.arange(n))
     if key.shape[0] != n:
         raise ValueError(f"{key.shape[0]} keys for {n} cells; pass one key or one per cell")
     return key
@@ -747,6 +753,7 @@ __all__ = [
     "fill_region",
     "fill_sanity",
     "blur_matrix",
+    "cell_keys",
     "gaussian_blur",
     "model_reliance",
     "random_baseline",

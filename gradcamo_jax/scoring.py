@@ -45,13 +45,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from gradcamo_jax.cam import make_explain_fn
 from gradcamo_jax.config import STAGE_NAMES, ModelConfig
-from gradcamo_jax.data import formats
+from gradcamo_jax.data import formats, shards
 from gradcamo_jax.metric import SCORE_COLUMNS
 from gradcamo_jax.models.efficientnet import EfficientNet, layer_index, layer_shapes
 from gradcamo_jax.sharding import batch_sharding, make_mesh
@@ -106,6 +105,8 @@ class ScoreConfig:
     def __post_init__(self):
         if self.audit and (not self.audit_fills or "swap" in self.audit_fills):
             raise ValueError(f"ScoreConfig.audit_fills={self.audit_fills}: name fills among noise, blur, mean")
+        if self.audit:
+            self.reliance_settings  # noqa: B018  (checks the fill names now, not at the first batch)
         for name in ((self.layer,) if self.layer != "auto" else ()) + tuple(self.feature_layers):
             layer_index(name)
         if self.batch_size < 1 or self.rows_per_shard < 1 or self.cam_sample < 0:
@@ -114,6 +115,15 @@ class ScoreConfig:
     @property
     def layers(self) -> tuple[str, ...]:
         return self.feature_layers or (self.layer,)
+
+    @property
+    def reliance_settings(self):
+        """The `audit.RelianceSettings` of ``--audit``: every region, `audit_fills`, the index from
+        the noise fill (else the first fill)."""
+        from gradcamo_jax import audit
+
+        fills = tuple(self.audit_fills)
+        return audit.RelianceSettings(fills=fills, cri_fill="noise" if "noise" in fills else fills[0])
 
 
 MIN_MAP_YX = 4
@@ -287,43 +297,27 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
     return table, (np.concatenate(cam_idx) if cam_idx else np.zeros((0,), np.int64)), cam_arr
 
 
-def _audit_settings(config: ScoreConfig):
-    from gradcamo_jax import audit
-
-    fills = tuple(config.audit_fills)
-    return audit.RelianceSettings(fills=fills, cri_fill="noise" if "noise" in fills else fills[0])
-
-
 def _audit_columns(model, variables, random_variables, fn, x, m, targets, trained, first: int, config: ScoreConfig,
                    n: int) -> dict:
     """The audit's per-cell columns for one padded batch (rows ``first …``); see `ScoreConfig.audit`."""
     from gradcamo_jax import audit
 
-    settings = _audit_settings(config)
-    base = jax.random.key(config.audit_seed)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(first, first + x.shape[0]))
+    keys = audit.cell_keys(jax.random.key(config.audit_seed), np.arange(first, first + x.shape[0]))
     res = jax.device_get(audit.reliance_batch(audit.efficientnet_logits(model, variables), x, m, keys, targets,
-                                              settings=settings))
+                                              settings=config.reliance_settings))
     cols = {"Metadata_Audit_LogP": res.logp0[:n]}
     for i, region in enumerate(res.regions):
         for j, fill in enumerate(res.fills):
             cols[f"Metadata_Audit_Drop_{region.capitalize()}_{fill.capitalize()}"] = res.drops[:n, i, j]
     cols["Metadata_Audit_ContextReliance"] = res.cri[:n]
     cols["Metadata_Audit_ContextReliance_Undefined"] = res.cri_undefined[:n]
-    # The random model explains the trained model's class, so the two maps differ only in the weights.
-    rand = jax.device_get(fn(random_variables, x, m, targets)).scores.cell[:n]
+    # The random model explains the trained model's class, so the two maps differ only in the
+    # weights. Only its scores come back to the host (not its features and CAM volumes).
+    rand = np.asarray(fn(random_variables, x, m, targets).scores.cell)[:n]
     corrected, _ = audit.corrected_gradcamo(trained, rand)
     cols["Metadata_GradCAMO_Random"] = rand
     cols["Metadata_GradCAMO_Corrected"] = np.asarray(corrected)
     return cols
-
-
-def _model_spatial(stored: tuple[int, ...], crop_shape, downsample, config: ModelConfig) -> tuple[int, ...]:
-    """Spatial shape the model sees: the stored crop after centre crop and binning (``(Y, X)``
-    for a 2D model)."""
-    spatial = stored if crop_shape is None else tuple(min(a, b) for a, b in zip(crop_shape, stored))
-    spatial = tuple(s // d for s, d in zip(spatial, downsample))
-    return spatial[-config.spatial_dims:]
 
 
 def _check_manifest(out_dir: Path, manifest: dict) -> None:
@@ -349,11 +343,10 @@ def assigned_parts(n_parts: int, shard: tuple[int, int] = (0, 1), process: tuple
     """Part indices one worker scores: job-array shard ``(I, N)`` takes parts ``k % N == I``; process
     ``(p, P)`` of a `jax.distributed` job takes every P-th of those from the p-th. Over all
     ``I`` and ``p`` the parts are covered exactly once."""
-    index, count = shard
     p, n_proc = process
-    if not (0 <= index < count and 0 <= p < n_proc):
-        raise ValueError(f"shard {shard} / process {process}: need 0 <= index < count")
-    return list(range(index, n_parts, count))[p::n_proc]
+    if not 0 <= p < n_proc:
+        raise ValueError(f"process {process}: need 0 <= index < count")
+    return shards.shard_rows(n_parts, shard)[p::n_proc].tolist()
 
 
 def score_dataset(
@@ -400,7 +393,10 @@ def score_dataset(
             raise ValueError(f"{data_dir}: cells.parquet Metadata_Row is not 0…N-1 in order; re-run the crop merge")
     if len(store) != len(cells):
         raise ValueError(f"{data_dir}: {len(cells)} rows in cells.parquet but {len(store)} crops; re-run the crop merge")
-    spatial = _model_spatial(tuple(store.image.shape[1:-1]), crop_shape, downsample, model.config)
+    from gradcamo_jax.data.pipeline import transform_shape
+
+    # The spatial shape the model sees (its last axes: (Y, X) for a 2D model).
+    spatial = transform_shape(tuple(store.image.shape[1:]), crop_shape, downsample)[:-1][-model.config.spatial_dims:]
     if config.layer == "auto":
         config = dataclasses.replace(config, layer=default_layer(model.config, spatial))
     map_shape = check_layer_resolution(model.config, spatial, config.layer, config.allow_coarse_layer)

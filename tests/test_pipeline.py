@@ -180,7 +180,7 @@ def test_centre_crop_and_downsample():
     mask[2, 5, 7] = 1  # crop voxel (1, 3, 4): the centre of bin (1, 1, 1)
     out, m = pl.centre_crop_and_bin(image, mask, cfg.crop_shape, cfg.downsample)
     assert out.shape == (3, 3, 2, 2) and m.shape == (3, 3, 2)
-    assert pl.transform_shape(image.shape, cfg) == out.shape
+    assert pl.transform_shape(image.shape, cfg.crop_shape, cfg.downsample) == out.shape
     crop = image[1:4, 2:8, 3:9]
     np.testing.assert_allclose(out[0, 0, 0], crop[0, :2, :3].reshape(-1, 2).mean(0))
     assert m.sum() == 1 and m[1, 1, 1] == 1  # the centre voxel keeps its code

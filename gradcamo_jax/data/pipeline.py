@@ -187,7 +187,7 @@ def open_dataset(dataset_dir: str, config: DataConfig) -> CellDataset:
     probe = next((s for s in sources.values() if len(s)), None)
     if probe is None:
         raise ValueError(f"{dataset_dir}: the cell table is empty")
-    shape = transform_shape(probe[0]["image"].shape, config)
+    shape = transform_shape(probe[0]["image"].shape, config.crop_shape, config.downsample)
     return CellDataset(sources, cells, int(labels.max()) + 1, shape)
 
 
@@ -201,17 +201,18 @@ def dataset_from_arrays(
     cells = cells.assign(split=split)
     full = ArraySource(images, masks, cells["Metadata_Class"].to_numpy(np.int32))
     sources = {name: full.subset(np.flatnonzero(split == name)) for name in SPLITS}
-    shape = transform_shape(images.shape[1:], config)
+    shape = transform_shape(images.shape[1:], config.crop_shape, config.downsample)
     return CellDataset(sources, cells, int(cells["Metadata_Class"].max()) + 1, shape)
 
 
 # ----------------------------------------------------------------------------- transforms
 
 
-def transform_shape(shape: tuple[int, ...], config: DataConfig) -> tuple[int, ...]:
-    """``(Z, Y, X, C)`` after the centre crop and downsampling of `config`."""
-    spatial = tuple(shape[:3]) if config.crop_shape is None else tuple(min(a, b) for a, b in zip(config.crop_shape, shape[:3]))
-    return (*(s // d for s, d in zip(spatial, config.downsample)), shape[3])
+def transform_shape(shape: tuple[int, ...], crop_shape: tuple[int, int, int] | None = None,
+                    downsample: tuple[int, int, int] = (1, 1, 1)) -> tuple[int, ...]:
+    """``(Z, Y, X, C)`` after `centre_crop_and_bin` with the same `crop_shape` and `downsample`."""
+    spatial = tuple(shape[:3]) if crop_shape is None else tuple(min(a, b) for a, b in zip(crop_shape, shape[:3]))
+    return (*(s // d for s, d in zip(spatial, downsample)), shape[3])
 
 
 def centre_crop_and_bin(image: np.ndarray, mask: np.ndarray, crop_shape: tuple[int, int, int] | None = None,
