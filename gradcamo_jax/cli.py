@@ -86,6 +86,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+def _require(args: argparse.Namespace, command: str, names: Sequence[str], unless: str) -> None:
+    """Exit naming the options of `names` left unset (they are required unless `unless` is given)."""
+    missing = [f"--{n}" for n in names if not getattr(args, n)]
+    if missing:
+        raise SystemExit(f"gradcamo {command}: {' and '.join(missing)} required (or {unless})")
+
+
 def _add_multihost(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", help="multi-host: coordinator host:port (else $GRADCAMO_COORDINATOR)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -101,9 +108,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2))
         return 0
-    missing = [flag for flag, value in (("--data", args.data), ("--workdir", args.workdir)) if not value]
-    if missing:
-        raise SystemExit(f"gradcamo train: {' and '.join(missing)} required (or --print-config)")
+    _require(args, "train", ("data", "workdir"), "--print-config")
     if config.data.worker_count > 0:
         import absl.flags
 
@@ -156,9 +161,7 @@ def _run_score(args: argparse.Namespace) -> int:
     if args.merge:
         print(json.dumps(verify_profiles(args.out)))
         return 0
-    missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--data", args.data)) if not value]
-    if missing:
-        raise SystemExit(f"gradcamo score: {' and '.join(missing)} required (or --merge)")
+    _require(args, "score", ("checkpoint", "data"), "--merge")
     shard = parse_shard(args.shard)
     from gradcamo_jax import EfficientNet, sharding
     from gradcamo_jax.train import load_checkpoint
