@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import FAST_COMPILE  # the test session's own compile settings
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_train_worker.py"
-# Compile-time over run-time: these tests run a few steps of a tiny model, where XLA:CPU's
-# LLVM passes dominate (measured ~2x faster compiles with these flags).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def worker_env(cache_dir: Path, devices: int = 1) -> dict[str, str]:
