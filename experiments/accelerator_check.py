@@ -260,10 +260,18 @@ def _mem_stats(device) -> dict | None:
     return {k: int(v) for k, v in stats.items() if k in keep}
 
 
-def _masks(n: int, spatial: tuple[int, ...], base: np.ndarray) -> np.ndarray:
-    """``n`` masks cycling through `base` (``(k, *spatial)`` from `benchmark.synthetic_masks`)."""
+def _cycle(base: np.ndarray, n: int) -> np.ndarray:
+    """``n`` rows cycling through the rows of `base` (masks from `benchmark.synthetic_masks`, a
+    batch of crops read from a store), contiguous."""
     reps = -(-n // len(base))
-    return np.ascontiguousarray(np.tile(base, (reps,) + (1,) * len(spatial))[:n])
+    return np.ascontiguousarray(np.tile(base, (reps,) + (1,) * (base.ndim - 1))[:n])
+
+
+def _scoring_explain_fn(model: EfficientNet, layer: str):
+    """`make_explain_fn` as `scoring.score_part` calls it (Grad-CAM, features of `layer` only, no
+    CAM volumes), so the throughput row, the end-to-end section and scoring share one compilation."""
+    return make_explain_fn(model, layer, "gradcam", feature_layers=(layer,), return_cam=False, with_masks=True,
+                           resize=True)
 
 
 def _timed(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int, max_timed_s: float) -> dict:
@@ -578,7 +586,7 @@ def _explain_inputs(ctx: Ctx):
     n = ctx.args.check_batch
     rng = np.random.default_rng(3)
     images = rng.standard_normal((n, *ctx.crop, ctx.args.channels)).astype(np.float32)
-    masks = _masks(n, ctx.crop, s.base_masks)
+    masks = _cycle(s.base_masks, n)
     targets = (np.arange(n) % ctx.args.classes).astype(np.int32)  # fixed: a near-tie must not switch the class
     return s, images, masks, targets
 
@@ -805,8 +813,7 @@ def _jax_sweep(ctx: Ctx, dtype: str, deadline: float, rows: list) -> None:
     fwd = jax.jit(model.apply)
     # Called and fed as `scoring.score_part` does (same cached function, batch sharded over a
     # one-device mesh), so the end-to-end section's scoring reuses this compilation.
-    explain_fn = make_explain_fn(model, a.layer, "gradcam", feature_layers=(a.layer,), return_cam=False,
-                                 with_masks=True, resize=True)
+    explain_fn = _scoring_explain_fn(model, a.layer)
     data_sharding = batch_sharding(make_mesh([acc]))
     tc = TrainConfig(model=ctx.config(), num_steps=1000, warmup_steps=10, compute_dtype=dtype, progress_bar=False)
     tx = train.make_optimizer(tc)
@@ -826,7 +833,7 @@ def _jax_sweep(ctx: Ctx, dtype: str, deadline: float, rows: list) -> None:
         def inputs(b=b, key=key, data=data):
             if not data:
                 data["x"] = jax.random.normal(key, (b, *shape), jnp.float32)
-                data["m"] = jax.device_put(_masks(b, ctx.crop, s.base_masks), acc)
+                data["m"] = jax.device_put(_cycle(s.base_masks, b), acc)
                 data["t"] = jnp.asarray(np.arange(b) % a.classes, jnp.int32)
             return data["x"], data["m"], data["t"]
 
@@ -940,7 +947,7 @@ def _torch_sweep_body(ctx: Ctx, dtype: str, deadline: float, rows: list) -> None
             if not data:
                 gen = torch.Generator(device=dev).manual_seed(b)
                 data["x"] = torch.randn((b, a.channels, *ctx.crop), generator=gen, device=dev)
-                data["m"] = torch.from_numpy(_masks(b, ctx.crop, s.base_masks)).to(dev)
+                data["m"] = torch.from_numpy(_cycle(s.base_masks, b)).to(dev)
                 data["t"] = torch.as_tensor(np.arange(b) % a.classes, dtype=torch.long, device=dev)
             return data["x"], data["m"], data["t"]
 
@@ -1139,7 +1146,7 @@ def write_synthetic_store(data_dir: Path, work: Path, n_cells: int, unique: int,
             e = min(unique, s + 32)
             offs = rng.integers(0, len(pool) - size, e - s)
             imgs = np.stack([pool[o:o + size].reshape(*crop, channels) for o in offs])
-            w.write(s, imgs, _masks(e - s, crop, np.roll(base_masks, s, axis=0)))
+            w.write(s, imgs, _cycle(np.roll(base_masks, s, axis=0), e - s))
     write_s = _now() - t0
     t0 = _now()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -1156,24 +1163,15 @@ def write_synthetic_store(data_dir: Path, work: Path, n_cells: int, unique: int,
 
 def read_alone(store, n: int, batch: int, threads: int) -> dict:
     """The crop store through scoring's own reader (`scoring._batches`: float32 images + masks,
-    `threads` reads in flight), nothing else; a plain loop of the same reads if that is gone."""
-    from gradcamo_jax import scoring
-
-    reader = getattr(scoring, "_batches", None)
-    name = "scoring._batches"
-    if reader is None:
-        name = "plain loop, one thread (scoring._batches is gone)"
-
-        def reader(store, start, stop, batch, threads):
-            for s in range(start, stop, batch):
-                yield s, store.image[s:min(s + batch, stop)].astype(np.float32), store.mask[s:min(s + batch, stop)]
+    `threads` reads in flight), nothing else."""
+    from gradcamo_jax.scoring import _batches
 
     t0 = _now()
     count = 0
-    for _, imgs, _ in reader(store, 0, n, batch, threads):
+    for _, imgs, _ in _batches(store, 0, n, batch, threads):
         count += len(imgs)
     dt = _now() - t0
-    return {"threads": threads, "cells": count, "seconds": dt, "cells_per_s": count / dt, "reader": name}
+    return {"threads": threads, "cells": count, "seconds": dt, "cells_per_s": count / dt, "reader": "scoring._batches"}
 
 
 def section_end_to_end(ctx: Ctx) -> dict:
@@ -1203,14 +1201,11 @@ def section_end_to_end(ctx: Ctx) -> dict:
             res["read_alone"].append(read_alone(store, n_read, a.score_batch, threads))
 
         # The model side alone: explain on a resident batch, and the host→device copy of a batch.
-        model = EfficientNet(s.config)
+        model = s.model
         variables = jax.device_put(s.variables, acc)
-        fn = make_explain_fn(model, a.layer, "gradcam", feature_layers=(a.layer,), return_cam=False,
-                             with_masks=True, resize=True)  # as scoring calls it, so its compilation is shared
-        host_x = store.image[0:a.score_batch].astype(np.float32)
-        host_m = store.mask[0:a.score_batch]
-        host_x = np.concatenate([host_x] * (-(-a.score_batch // len(host_x))))[: a.score_batch]
-        host_m = np.concatenate([host_m] * (-(-a.score_batch // len(host_m))))[: a.score_batch]
+        fn = _scoring_explain_fn(model, a.layer)
+        host_x = _cycle(store.image[0:a.score_batch].astype(np.float32), a.score_batch)
+        host_m = _cycle(store.mask[0:a.score_batch], a.score_batch)
         x, m, t = jax.device_put((host_x, host_m, np.full((a.score_batch,), -1, np.int32)),
                                  batch_sharding(make_mesh([acc])))
         row = ctx.shared.get(f"explain_float32_{a.score_batch}")
@@ -1225,13 +1220,10 @@ def section_end_to_end(ctx: Ctx) -> dict:
                                        "mb_per_batch": host_x.nbytes / 2**20}
 
         # Scoring, part by part (resumable runs: each call scores one more part), to the deadline.
-        extra = {}
-        if "allow_coarse_layer" in {f.name for f in dataclasses.fields(ScoreConfig)}:
-            # Dry crops (16×16) leave stage5 a 2×2 map, which scoring refuses unless forced;
-            # the paper geometry's 8×8 passes either way. This section measures speed.
-            extra["allow_coarse_layer"] = True
+        # Dry crops (16×16) leave stage5 a 2×2 map, which scoring refuses unless forced (allow_coarse_layer);
+        # the paper geometry's 8×8 passes either way. This section measures speed.
         cfg = ScoreConfig(layer=a.layer, batch_size=a.score_batch, rows_per_shard=a.rows_per_shard, prefetch=a.prefetch,
-                          **extra)
+                          allow_coarse_layer=True)
         bounds = part_bounds(n, a.rows_per_shard)
         out_dir = work / "profiles"
         parts: list[dict] = []

@@ -157,23 +157,8 @@ def plate_root(work: Path, geometry: Geometry, signal: dict[str, float], seed: i
 
 
 def make_plate(root: Path, signal: dict[str, float], seed: int, geometry: Geometry) -> Path:
-    """`study.make_dataset` with the geometry's extra synthetic settings (cached)."""
-    if not geometry.synth:
-        return study.make_dataset(root, signal, seed, geometry.plate)
-    from gradcamo_jax.data import crop, synthetic
-
-    plate, data = geometry.plate, root / "data"
-    if not (data / "cells.parquet").exists():
-        plate_map = root / "plate" / synthetic.PLATE_MAP_NAME
-        if not plate_map.exists():
-            cfg = synthetic.make_config(plate.preset, signal=signal, seed=seed, doses=plate.doses,
-                                        wells_per_dose=plate.wells_per_dose, sites_per_well=plate.sites_per_well,
-                                        cell_gain=plate.cell_gain, background_level=plate.background_level,
-                                        **dict(geometry.synth))
-            plate_map = synthetic.write_plate(cfg, root / "plate")
-        crop.crop_plate(plate_map, data, crop.CropConfig(crop_size=plate.crop_size, min_volume=20, workers=0,
-                                                         split_fractions=plate.split_fractions, split_seed=seed))
-    return data
+    """`study.make_dataset` with the geometry's extra synthetic settings (cached under `root`)."""
+    return study.make_dataset(root, signal, seed, geometry.plate, dict(geometry.synth))
 
 
 def balanced_permutation(well_class: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -236,20 +221,18 @@ def fit(kind: str, mode: str, root: Path, data: Path, seed: int, geometry: Geome
     """The model of one row of the study: trained on `mode`'s plate, or a control."""
     import jax
 
-    from gradcamo_jax import EfficientNet, calibrate_batch_stats, init
+    from gradcamo_jax import EfficientNet, audit
 
     cfg = study.train_config(geometry.plate, config.steps, seed)
-    if kind == "trained":
-        trained, variables, info = study.train_model(data, root / f"run_{config.steps}steps", cfg)
-        return Fitted(EfficientNet(trained.model), variables, info)
-    if kind == "permuted":
-        perm = permuted_dataset(root, data, seed, geometry.plate.num_classes)
-        trained, variables, info = study.train_model(perm, root / "permuted" / f"run_{config.steps}steps", cfg)
+    if kind in ("trained", "permuted"):
+        train_data, workdir = data, root
+        if kind == "permuted":  # the cell plate with its labels permuted across wells, in its own run folder
+            train_data, workdir = permuted_dataset(root, data, seed, geometry.plate.num_classes), root / "permuted"
+        trained, variables, info = study.train_model(train_data, workdir / f"run_{config.steps}steps", cfg)
         return Fitted(EfficientNet(trained.model), variables, info)
     # untrained: as confounders.run_untrained (initial weights of this seed, BatchNorm calibrated)
-    calib = load_rows(data, "train", 64)
-    variables = init(cfg.model, jax.random.key(seed), calib.shape[1:])
-    return Fitted(EfficientNet(cfg.model), calibrate_batch_stats(EfficientNet(cfg.model), variables, calib), {})
+    variables = audit.randomized_variables(cfg.model, jax.random.key(seed), load_rows(data, "train", 64))
+    return Fitted(EfficientNet(cfg.model), variables, {})
 
 
 # ----------------------------------------------------------------------------- measures
@@ -620,27 +603,30 @@ def verdicts(means: pd.DataFrame, measures: list[str]) -> dict:
     if means.empty:
         return {}
     rule_seed = int(means["seed"].min())
+    first, held = means[means["seed"] == rule_seed], means[means["seed"] != rule_seed]
+    first_cell = (first["mode"] == "cell").to_numpy()
+    held_is_cell = (held["mode"] == "cell").to_numpy()
+    held_names = [f"{m} seed {s}" for m, s in zip(held["mode"], held["seed"])]
+    by_mode = [(m, [int(s) for s in g["seed"]], g) for m, g in means.groupby("mode", sort=False)]
     out = {}
     for measure in measures:
-        first = means[means["seed"] == rule_seed]
-        cell = first.loc[first["mode"] == "cell", measure]
-        rest = first.loc[first["mode"] != "cell", measure].dropna()
+        cell = first.loc[first_cell, measure]
+        rest = first.loc[~first_cell, measure].dropna()
         threshold = float("nan")
         if len(cell) and len(rest) and np.isfinite(cell.iloc[0]) and cell.iloc[0] > rest.max():
             threshold = float((cell.iloc[0] + rest.max()) / 2)
-        held = means[means["seed"] != rule_seed]
         right, wrong = 0, []
-        for _, r in held.iterrows():
-            says_cell = bool(np.isfinite(threshold) and r[measure] > threshold)
-            if says_cell == (r["mode"] == "cell"):
+        for name, is_cell, value in zip(held_names, held_is_cell, held[measure]):
+            says_cell = bool(np.isfinite(threshold) and value > threshold)
+            if says_cell == is_cell:
                 right += 1
             else:
-                wrong.append(f"{r['mode']} seed {r['seed']}")
+                wrong.append(name)
         out[measure] = {
             "rule_seed": rule_seed, "threshold": threshold, "separable_on_rule_seed": bool(np.isfinite(threshold)),
             "heldout_models": int(len(held)), "heldout_right": right,
             "heldout_all_right": bool(len(held) and right == len(held)), "wrong": wrong,
-            "values": {m: {int(s): float(v) for s, v in zip(g["seed"], g[measure])} for m, g in means.groupby("mode", sort=False)},
+            "values": {m: {s: float(v) for s, v in zip(seeds, g[measure])} for m, seeds, g in by_mode},
         }
     return out
 
@@ -691,7 +677,7 @@ def summarize_geometry(cells: pd.DataFrame, sanity: pd.DataFrame | None = None, 
         models[mode] = {"accuracy": study.mean_sd(g["accuracy"]), "cells": int(len(sub)),
                         "seeds": sorted(int(s) for s in g["seed"]),
                         "mean_p_pred": float(sub["p_pred"].mean()) if "p_pred" in sub else float("nan"),
-                        "mean": {m: study.mean_sd(orientation(m) * g[m]) for m in measures}}
+                        "mean": {m: study.mean_sd(g[m]) for m in measures}}  # model_means: oriented already
         for c in [c for c in measures if c.startswith("cri_")]:
             models[mode][f"{c}_undefined"] = float(sub[c].isna().mean())
     gcs = [m for m in measures if m.startswith("gc_")]
@@ -707,10 +693,16 @@ def summarize_geometry(cells: pd.DataFrame, sanity: pd.DataFrame | None = None, 
     ranking = sorted(((auc[m]["mean_over_shortcuts"], m) for m in measures), key=lambda t: -np.nan_to_num(t[0], nan=-1))
     best_on_rule_seed = {}
     rule_seed = int(cells["seed"].min())
-    first = auroc_vs_cell_model(cells[cells["seed"] == rule_seed], gcs + cgcs)
+
+    def rule_seed_mean_over_shortcuts(m: str) -> float:
+        """`auroc_vs_cell_model`'s ``mean_over_shortcuts`` of the rule seed alone, from `auc`'s per-seed values."""
+        vals = [auc[m][o]["per_seed"][auc[m][o]["seeds"].index(rule_seed)]
+                for o in SHORTCUTS if o in auc[m] and rule_seed in auc[m][o]["seeds"]]
+        return float(np.mean(vals)) if vals else float("nan")
+
     for prefix, group in (("raw", gcs), ("corrected", cgcs)):
         if group:
-            best_on_rule_seed[prefix] = max(group, key=lambda m: np.nan_to_num(first[m]["mean_over_shortcuts"], nan=-1))
+            best_on_rule_seed[prefix] = max(group, key=lambda m: np.nan_to_num(rule_seed_mean_over_shortcuts(m), nan=-1))
     return {
         "measures": {m: {"orientation": orientation(m), "fill": fill_of(m)} for m in measures},
         "models": models,

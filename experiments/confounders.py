@@ -110,7 +110,7 @@ def run_untrained(work: Path, seed: int, config: Config) -> pd.DataFrame:
     the cell; this, not only the volume fraction, is the level to beat."""
     import jax
 
-    from gradcamo_jax import EfficientNet, calibrate_batch_stats, init
+    from gradcamo_jax import EfficientNet, audit
     from gradcamo_jax.data import formats
 
     root = study.plate_dir(work, MODES["cell"], seed, config.plate)
@@ -119,12 +119,10 @@ def run_untrained(work: Path, seed: int, config: Config) -> pd.DataFrame:
         return pd.read_parquet(done)
     data = study.make_dataset(root, MODES["cell"], seed, config.plate)
     cfg = study.train_config(config.plate, config.steps, seed)
-    model = EfficientNet(cfg.model)
     train_images, _, _ = study.load_split(data, "train")
-    variables = init(cfg.model, jax.random.key(seed), train_images.shape[1:])
-    variables = calibrate_batch_stats(model, variables, train_images[:64])
+    variables = audit.randomized_variables(cfg.model, jax.random.key(seed), train_images[:64])
     images, masks, cells = study.load_split(data, "test")
-    out = score_all(model, variables, images, masks, cells, config).assign(mode="untrained", seed=seed)
+    out = score_all(EfficientNet(cfg.model), variables, images, masks, cells, config).assign(mode="untrained", seed=seed)
     formats.write_table(out, done)
     return out
 

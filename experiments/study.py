@@ -97,8 +97,10 @@ def plate_dir(work: Path, signal: dict[str, float], seed: int, plate: PlateSpec)
     return work / name / f"seed{seed}_{plate.wells_per_dose}w{plate.sites_per_well}s"
 
 
-def make_dataset(root: Path, signal, seed: int, plate: PlateSpec) -> Path:
-    """Synthesise and crop one plate under ``root`` (cached); returns the cell dataset folder."""
+def make_dataset(root: Path, signal, seed: int, plate: PlateSpec, synth: dict | None = None) -> Path:
+    """Synthesise and crop one plate under ``root`` (cached); returns the cell dataset folder.
+    `synth`: extra `synthetic.make_config` overrides (field size, cell radii, PSF); the cache
+    folder is ``root`` whatever they are, so the caller names it after them."""
     from gradcamo_jax.data import crop, synthetic
 
     data = root / "data"
@@ -107,7 +109,8 @@ def make_dataset(root: Path, signal, seed: int, plate: PlateSpec) -> Path:
         if not plate_map.exists():
             cfg = synthetic.make_config(plate.preset, signal=signal, seed=seed, doses=plate.doses,
                                         wells_per_dose=plate.wells_per_dose, sites_per_well=plate.sites_per_well,
-                                        cell_gain=plate.cell_gain, background_level=plate.background_level)
+                                        cell_gain=plate.cell_gain, background_level=plate.background_level,
+                                        **(synth or {}))
             plate_map = synthetic.write_plate(cfg, root / "plate")
         crop.crop_plate(plate_map, data, crop.CropConfig(crop_size=plate.crop_size, min_volume=20, workers=0,
                                                          split_fractions=plate.split_fractions, split_seed=seed))

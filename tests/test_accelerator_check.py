@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 
 import pytest
@@ -38,10 +39,24 @@ def dry(tmp_path_factory):
     return out, report, time.perf_counter() - t0
 
 
+def _strict(text: str) -> dict:
+    """JSON parsed as a strict reader would: NaN / Infinity literals are refused."""
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_dry_run_records_every_section_ok(dry):
     out, report, _ = dry
-    on_disk = json.loads((out / ac.JSON_NAME).read_text())
-    assert on_disk == report
+    on_disk = _strict((out / ac.JSON_NAME).read_text())
+    # What the file says, read back on its own: the run's own arguments and settings.
+    assert on_disk["meta"]["argv"] == ["--dry", "--out", str(out), "--budget-s", "900"]
+    assert on_disk["meta"]["budget_s"] == 900.0 and on_disk["meta"]["args"]["variant"] == "tiny"
+    assert on_disk["meta"]["args"]["batch_sizes"] == [2, 4]
+    assert on_disk["sections"]["end_to_end"]["result"]["store"]["n_cells"] == 64
+    assert on_disk["total_s"] >= sum(sec["seconds"] for sec in on_disk["sections"].values())
+    assert on_disk == report  # and main() returns what it wrote last
     assert list(on_disk["sections"]) == list(ac.SECTIONS)
     for name, sec in on_disk["sections"].items():
         detail = sec.get("error") or (sec.get("result") or {}).get("errors")
@@ -58,7 +73,10 @@ def test_dry_environment(dry):
     assert env["backend"] == "cpu"
     assert env["versions"]["jax"] and env["versions"]["flax"] and env["versions"]["torch"]
     assert env["devices"] and env["devices"][0]["platform"] == "cpu"
-    assert env["nvidia_smi"] is None or isinstance(env["nvidia_smi"], str)
+    if shutil.which("nvidia-smi") is None:
+        assert env["nvidia_smi"] is None
+    else:
+        assert isinstance(env["nvidia_smi"], str) and env["nvidia_smi"]
 
 
 def test_dry_correctness_numbers_are_finite_and_small(dry):
@@ -115,8 +133,18 @@ def test_dry_end_to_end(dry):
         assert _finite(e2e[key]) and e2e[key] > 0
     alone = e2e["bottleneck"]["alone_cells_per_s"]
     assert len(alone) == 3 and all(_finite(v) and v > 0 for v in alone.values())
-    assert isinstance(e2e["bottleneck"]["verdict"], str)
-    assert e2e["gpu_utilisation"]["available"] in (True, False)
+    # the verdict names the slowest side alone and how close scoring (without its first part) comes to it
+    slowest = min(alone, key=alone.get)
+    assert e2e["bottleneck"]["slowest_alone"] == slowest
+    share = e2e["steady_cells_per_s"] / alone[slowest]
+    assert abs(e2e["bottleneck"]["scoring_vs_slowest_alone"] - share) < 1e-9
+    label = "input pipeline" if slowest.startswith("input") else slowest.split(" ")[0]
+    assert e2e["bottleneck"]["verdict"] == f"{label} (scoring runs at {share:.0%} of it alone)"
+    assert [r["reader"] for r in e2e["read_alone"]] == ["scoring._batches"] * len(e2e["read_alone"])
+    if shutil.which("nvidia-smi") is None:
+        assert e2e["gpu_utilisation"] == {"available": False, "note": "no nvidia-smi on PATH"}
+    else:
+        assert e2e["gpu_utilisation"]["available"] is True
 
 
 def _stand_ins(monkeypatch, calls: list, **overrides):
