@@ -445,12 +445,80 @@ def test_read_time_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"channels .* differ from the expected"):
         readers.read_site(site, channels=("DNA", "ER"))
     f = Path(site.root) / site.planes[1][2].file
+    good = f.read_bytes()
     f.write_bytes(b"II*\x00garbage")
-    with pytest.raises(ValueError, match=re.escape(str(f))):
+    with pytest.raises(ValueError, match=re.escape(str(f))) as e:
         readers.read_site(site)
+    # A bad header is a damaged file, not a bad Frame_ column (tifffile's TiffFileError is a ValueError).
+    assert "not a readable TIFF" in str(e.value) and "corrupt or truncated" in str(e.value)
+    assert site.label in str(e.value) and "Frame_" not in str(e.value)
+    f.write_bytes(good[: len(good) // 2])  # header intact, pixel data cut off
+    with pytest.raises(ValueError, match=re.escape(str(f))) as e:
+        readers.read_site(site)
+    assert "corrupt or truncated" in str(e.value) and site.label in str(e.value) and "Frame_" not in str(e.value)
     f.unlink()
     with pytest.raises(FileNotFoundError, match="re-run the import"):
         readers.read_site(site)
+    # A frame beyond the file's pages is the Frame_ column's fault, and says so.
+    write_tiff(tmp_path / "one.tif", pixels("F", "A01", 1, 1)[0, 0])
+    framed = readers.Site("F", "A01", 1, "loaddata", ("DNA",), ("OrigDNA",), str(tmp_path),
+                          planes=((readers.PlaneRef("one.tif", 3),),))
+    with pytest.raises(ValueError, match=r"site F A01 s1: .*one\.tif frame 3: .*has 1 page\(s\); fix the Frame_ column"):
+        readers.read_site(framed)
+
+
+def test_timepoint_choice(tmp_path):
+    """phenix and imagexpress choose a timepoint alike: several need --timepoint, an absent one is named."""
+    ix = make_imagexpress(tmp_path / "ix", nz=1)
+    with pytest.raises(readers.LayoutError, match=r"no files of timepoint TimePoint_2 \(found TimePoint_\[1\]\)"):
+        readers.import_plate("imagexpress", ix, timepoint=2)
+    phenix = make_phenix(tmp_path / "ph", nz=1)
+    with pytest.raises(readers.LayoutError, match=r"no files of timepoint sk2 \(found sk\[1\]\)"):
+        readers.import_plate("phenix", phenix, timepoint=2)
+    (ix / "TimePoint_1").rename(ix / "TimePoint_2")
+    write_tiff(ix / "TimePoint_1" / "IXP_A01_s1_w1.tif", np.ones((SIZE, SIZE), np.uint16))
+    with pytest.raises(readers.LayoutError, match=r"2 timepoints \(TimePoint_\[1, 2\]\); choose one with --timepoint"):
+        readers.import_plate("imagexpress", ix)
+    df, report = readers.import_plate("imagexpress", ix, timepoint=2)
+    assert_sites(df, report, "IXP", 1)
+
+
+def test_site_ids_unique_after_sanitising(tmp_path):
+    """Plates "P 1" and "P/1" are different plates but one descriptor name (P-1_A01_s1): refused, not overwritten."""
+    a = pixels("P", "A01", 1, 1)
+    rows = []
+    for plate in ("P 1", "P/1"):
+        row = {"Metadata_Plate": plate, "Metadata_Well": "A01", "Metadata_Site": 1}
+        for c, ch in enumerate(CH):
+            write_tiff(tmp_path / "img" / f"{ch}.tif", a[0, c])
+            row |= {f"FileName_{ch}": f"{ch}.tif", f"PathName_{ch}": "img"}
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(tmp_path / "load_data.csv", index=False)
+    with pytest.raises(readers.LayoutError, match=r"site P 1 A01 s1, site P/1 A01 s1 would share the site descriptor "
+                                                 r"P-1_A01_s1\.site\.json") as e:
+        readers.import_plate("loaddata", tmp_path / "load_data.csv", out=tmp_path / "pm.csv")
+    assert len(e.value.problems) == 1 and not (tmp_path / "pm.csv").exists()
+
+
+def test_failed_plate_map_write_keeps_the_old_import(tmp_path, monkeypatch):
+    """Descriptors and plate map land together: a plate map that cannot be written leaves the old pair intact."""
+    src = make_ome_tiff(tmp_path, nz=1)
+    out = tmp_path / "run" / "pm.csv"
+    readers.import_plate("ome-tiff", src, out=out)
+    folder = out.parent / "pm_sites"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    plate_map = out.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(formats, "write_plate_map", boom)
+    with pytest.raises(OSError, match="disk full"):
+        readers.import_plate("ome-tiff", src, out=out, plate="OTHER")  # other plate: other descriptor names
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before and out.read_bytes() == plate_map
+    assert not [p for p in out.parent.iterdir() if formats.is_temporary(p)]
+    monkeypatch.undo()
+    assert len(formats.read_plate_map(out)) == 4  # the old plate map still finds its descriptors
 
 
 def test_well_names_and_channel_table():
@@ -493,12 +561,14 @@ def test_cli_import(tmp_path, capsys):
 def test_formats_read_stack_dispatches_to_descriptors(tmp_path):
     """Once formats.read_stack dispatches *.site.json to readers.read_site_file, crop and segment read imported plates."""
     out = tmp_path / "pm.csv"
-    _, report = readers.import_plate("ome-tiff", make_ome_tiff(tmp_path, nz=2), out=out)
-    descriptor = formats.read_plate_map(out)["FileName_Image"].iloc[0]
-    try:
-        got = formats.read_stack(descriptor, axes="ZCYX", channels=CH)
-    except ValueError as e:
-        if "not a readable TIFF" in str(e):
-            pytest.skip("formats.read_stack has no .site.json hook yet")
-        raise
-    np.testing.assert_array_equal(got, readers.read_site(report.sites[0]))
+    readers.import_plate("ome-tiff", make_ome_tiff(tmp_path, nz=2), out=out)
+    df = formats.read_plate_map(out)
+    assert len(df) == len(WELLS) * len(SITES)
+    for row in df.itertuples():
+        want = pixels("OT1", row.Metadata_Well, row.Metadata_Site, 2).astype(np.float32)  # the pixels the test wrote
+        got = formats.read_stack(row.FileName_Image, axes="ZCYX", channels=CH)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+    # read_stack's checks apply to descriptors too, and their errors name the descriptor.
+    with pytest.raises(ValueError, match=re.escape(df.FileName_Image.iloc[0]) + r": .*channels .* differ from the expected"):
+        formats.read_stack(df.FileName_Image.iloc[0], channels=CH[:2])

@@ -29,6 +29,11 @@ Stacks (one TIFF per site, axes ZCYX)
       Any numeric dtype is stored as is (uint16 is typical); axes and channel names
       go into the TIFF's shaped metadata so `read_stack` can check them.
   stack_shape(path) -> tuple (shape as stored, without reading pixels)
+  check_channel_count(n_channels, channels, where, ...), check_channel_names(names, channels, where, ...),
+  check_zcyx(array_zcyx, where, channel_names=None)
+      The checks `read_stack` makes (also used by `readers.read_site`): channel count
+      and names against the expected `channels`; NaN/inf voxels and constant channels.
+      Each raises ValueError starting with `where` (the file or site).
 
 Labels (one TIFF per site, axes ZYX, 0 = background, one id per cell)
   read_labels(path, expect_shape=None) -> np.ndarray int32 (Z, Y, X)
@@ -55,7 +60,7 @@ Crop stores (a dataset folder's crops.zarr, Zarr v3, chunk = one cell)
 
 Other tables and small JSON documents (ground truth, summaries)
   read_table(path) -> DataFrame, write_table(df, path) -> Path   (.csv or .parquet)
-  write_json(obj, path) -> Path, read_json(path) -> object
+  write_json(obj, path, *, indent=2) -> Path, read_json(path) -> object
 
 Helpers
   atomic_path(path)  context manager yielding a temporary sibling that is renamed
@@ -134,11 +139,14 @@ def is_temporary(path: str | os.PathLike) -> bool:
     return Path(path).name.startswith(_TMP_PREFIX)
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write `obj` as indented, key-sorted JSON (byte-identical for equal input), atomically."""
+def write_json(obj: Any, path: str | os.PathLike, *, indent: int | None = 2) -> Path:
+    """Write `obj` as key-sorted JSON (byte-identical for equal input), atomically.
+
+    `indent` is passed to `json.dumps`; None writes one compact line (site descriptors).
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n")
     return path
 
 
@@ -379,41 +387,92 @@ def read_stack(
             + "; save one site as one Z×C×Y×X stack (a single channel still needs its C axis)"
         )
     zcyx = np.transpose(data, [axes.index(a) for a in "ZCYX"])
-    n_channels = zcyx.shape[1]
     names = meta.get("channel_names")
-    if channels is not None:
-        want = channels if isinstance(channels, int) else len(channels)
-        if n_channels != want:
-            hint = ""
-            # A CZYX file read as ZCYX shows the channel count on the first axis.
-            other = [a for a, s in zip(axes, data.shape) if s == want and a != "C"]
-            if other:
-                hint = f"; axis {other[0]} has size {want} — is the file's axis order different (axes=...)?"
-            raise ValueError(
-                f"{path}: expected {want} channels on axis C of {axes}, found {n_channels} "
-                f"(shape {data.shape}){hint}"
-            )
-        if not isinstance(channels, int) and names is not None and list(names) != list(channels):
-            raise ValueError(
-                f"{path}: channel names {list(names)} differ from the expected {list(channels)}; "
-                "reorder the channels or pass the file's order"
-            )
+    check_channel_count(zcyx.shape[1], channels, path, axes=axes, shape=data.shape)
+    check_channel_names(names, channels, path)
     out = zcyx.astype(np.float32)
-    if not np.isfinite(out).all():
-        bad = np.argwhere(~np.isfinite(out))[0]
+    check_zcyx(out, path, names)
+    return out
+
+
+def check_channel_count(
+    n_channels: int,
+    channels: int | Sequence[str] | None,
+    where: Any,
+    *,
+    axes: str = "ZCYX",
+    shape: Sequence[int] | None = None,
+    fix: str = "",
+) -> None:
+    """Raise ValueError when `n_channels` differs from `channels` (a count, or names to count).
+
+    `shape` is the data's shape as stored in `axes` order: it goes into the message, with a
+    hint when another axis has the expected size (a file whose axis order is not `axes`).
+    `fix` (e.g. how to re-import) is appended to the message. No-op when `channels` is None.
+    """
+    if channels is None:
+        return
+    want = channels if isinstance(channels, int) else len(channels)
+    if n_channels == want:
+        return
+    detail = ""
+    if shape is not None:
+        detail = f" (shape {tuple(shape)})"
+        # A CZYX file read as ZCYX shows the channel count on the first axis.
+        other = [a for a, s in zip(axes, shape) if s == want and a != "C"]
+        if other:
+            detail += f"; axis {other[0]} has size {want} — is the file's axis order different (axes=...)?"
+    raise ValueError(
+        f"{where}: expected {want} channels on axis C of {axes}, found {n_channels}{detail}"
+        + (f"; {fix}" if fix else "")
+    )
+
+
+def check_channel_names(
+    names: Sequence[str] | None,
+    channels: int | Sequence[str] | None,
+    where: Any,
+    *,
+    noun: str = "channel names",
+    fix: str = "reorder the channels or pass the file's order",
+) -> None:
+    """Raise ValueError when known channel `names` differ from the expected names `channels`.
+
+    No-op when the names are unknown (None) or `channels` is None or a count (see
+    `check_channel_count`). Names of another length differ too, so for data whose names
+    are always known this one call checks count and order. The message reads
+    ``"{where}: {noun} [...] differ from the expected [...]; {fix}"``.
+    """
+    if names is None or channels is None or isinstance(channels, int):
+        return
+    if list(names) != list(channels):
+        raise ValueError(f"{where}: {noun} {list(names)} differ from the expected {list(channels)}; {fix}")
+
+
+def check_zcyx(array_zcyx: np.ndarray, where: Any, channel_names: Sequence[str] | None = None) -> None:
+    """Reject NaN/inf voxels and constant channels (a blank or saturated acquisition) of a (Z, C, Y, X) array.
+
+    Errors start with `where` (a path or a site), give the first bad voxel's (z, c, y, x),
+    and name constant channels by `channel_names` (by index where a name is missing).
+    """
+    finite = np.isfinite(array_zcyx)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
         raise ValueError(
-            f"{path}: {int((~np.isfinite(out)).sum())} NaN/inf voxel(s), first at (z, c, y, x) = "
+            f"{where}: {int((~finite).sum())} NaN/inf voxel(s), first at (z, c, y, x) = "
             f"{tuple(int(i) for i in bad)}; re-export the stack or mask the bad region"
         )
-    flat = out.reshape(out.shape[0], n_channels, -1).transpose(1, 0, 2).reshape(n_channels, -1)
-    constant = np.flatnonzero(flat.max(axis=1) == flat.min(axis=1))
+    if array_zcyx.size == 0:
+        return
+    # Per-channel extremes over (Z, Y, X), without a transposed copy of the stack.
+    constant = np.flatnonzero(array_zcyx.max(axis=(0, 2, 3)) == array_zcyx.min(axis=(0, 2, 3)))
     if constant.size:
+        names = channel_names
         label = [names[i] if names and i < len(names) else i for i in constant]
         raise ValueError(
-            f"{path}: channel(s) {label} are constant (value {flat[constant[0], 0]}): a blank or "
+            f"{where}: channel(s) {label} are constant (value {array_zcyx[0, constant[0], 0, 0]}): a blank or "
             "saturated acquisition; re-image the site or drop it from the plate map"
         )
-    return out
 
 
 def write_stack(

@@ -48,8 +48,8 @@ Public API (axis orders are part of the contract):
   import_plate(layout, src, *, platemap=None, channel_map=None, out=None, ...)
       -> (plate map DataFrame, ImportReport); raises `LayoutError` (a ValueError)
       listing every problem, site by site, before any pixel is read.
-  read_site(site, *, channels=None, check=True) -> np.ndarray float32 (Z, C, Y, X)
-  read_site_file(path, *, channels=None, check=True) -> np.ndarray float32 (Z, C, Y, X)
+  read_site(site, *, channels=None) -> np.ndarray float32 (Z, C, Y, X)
+  read_site_file(path, *, channels=None) -> np.ndarray float32 (Z, C, Y, X)
   load_site(path) -> Site;  write_site_file(site, path) -> Path
   match_channels(names, channels=formats.CHANNELS, channel_map=None, aliases=None) -> ChannelMatch
   normalize_well("a1") -> "A01";  well_name(row=2, col=3) -> "B03"  (1-based)
@@ -61,14 +61,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import re
 import sys
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -308,15 +307,8 @@ class Site:
 
 def write_site_file(site: Site, path: str | os.PathLike) -> Path:
     """Write a site descriptor (compact key-sorted JSON, atomically)."""
-    path = Path(path)
-    with formats.atomic_path(path) as tmp:
-        tmp.write_text(_site_json(site))
-    return path
-
-
-def _site_json(site: Site) -> str:
     # Compact: a 21-plane × 5-channel site lists 105 files; indentation would make it 500 lines.
-    return json.dumps(site.to_dict(), sort_keys=True) + "\n"
+    return formats.write_json(site.to_dict(), path, indent=None)
 
 
 def load_site(path: str | os.PathLike) -> Site:
@@ -332,12 +324,7 @@ def load_site(path: str | os.PathLike) -> Site:
 # ----------------------------------------------------------------------------- reading pixels
 
 
-def read_site_file(
-    path: str | os.PathLike,
-    *,
-    channels: int | Sequence[str] | None = None,
-    check: bool = True,
-) -> np.ndarray:
+def read_site_file(path: str | os.PathLike, *, channels: int | Sequence[str] | None = None) -> np.ndarray:
     """Read the site a descriptor points at, as float32 (Z, C, Y, X).
 
     The target of ``formats.read_stack`` for ``*.site.json`` paths: same result contract
@@ -346,66 +333,37 @@ def read_site_file(
     path = Path(path)
     site = load_site(path)
     try:
-        return read_site(site, channels=channels, check=check)
+        return read_site(site, channels=channels)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: {e}") from e
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
 
-def read_site(
-    site: Site,
-    *,
-    channels: int | Sequence[str] | None = None,
-    check: bool = True,
-) -> np.ndarray:
+def read_site(site: Site, *, channels: int | Sequence[str] | None = None) -> np.ndarray:
     """Read one site's pixels from its original files as float32 (Z, C, Y, X).
 
     C follows ``site.channels``; Z is the plane order of the acquisition (a 2D site is
-    Z = 1). Only this site's files are opened.
+    Z = 1). Only this site's files are opened. The checks are `formats.read_stack`'s
+    (`formats.check_channel_names`, `formats.check_channel_count`, `formats.check_zcyx`).
 
     Args:
-      channels: expected channel count or names (as in `formats.read_stack`).
-      check: also reject NaN/inf voxels and constant channels (blank or saturated
-        acquisitions), like `formats.read_stack`.
+      channels: expected channel count or names (as in `formats.read_stack`), checked
+        against ``site.channels`` before any file is opened.
 
     Raises:
       FileNotFoundError: a file of the site is gone (moved since the import).
       ValueError (naming the site and file): unreadable/corrupt file, planes of
         different sizes, an array whose shape changed since the import, channel
-        count/names ≠ ``channels``, NaN/inf voxels, a constant channel.
+        count/names ≠ ``channels``, NaN/inf voxels, a constant channel (blank or
+        saturated acquisition).
     """
-    if channels is not None:
-        want = channels if isinstance(channels, int) else len(channels)
-        if len(site.channels) != want or (not isinstance(channels, int) and list(channels) != list(site.channels)):
-            raise ValueError(
-                f"{site.label}: channels {list(site.channels)} differ from the expected "
-                f"{channels if isinstance(channels, int) else list(channels)}; re-run `gradcamo import` with "
-                "--channels in that order (or change the expected channels)"
-            )
+    fix = "re-run `gradcamo import` with --channels in that order (or change the expected channels)"
+    formats.check_channel_names(site.channels, channels, site.label, noun="channels", fix=fix)
+    formats.check_channel_count(len(site.channels), channels, site.label, fix=fix)
     out = _read_array_site(site) if site.array is not None else _read_plane_site(site)
-    if check:
-        _check_pixels(site, out)
+    formats.check_zcyx(out, f"{site.label} ({_listing(site.files(), 2)})", site.channels)
     return out
-
-
-def _check_pixels(site: Site, out: np.ndarray) -> None:
-    finite = np.isfinite(out)
-    if not finite.all():
-        bad = np.argwhere(~finite)[0]
-        raise ValueError(
-            f"{site.label} ({_listing(site.files(), 2)}): {int((~finite).sum())} NaN/inf voxel(s), first at "
-            f"(z, c, y, x) = {tuple(int(i) for i in bad)}; re-export the images or drop the site"
-        )
-    flat = np.moveaxis(out, 1, 0).reshape(out.shape[1], -1)
-    constant = np.flatnonzero(flat.max(axis=1) == flat.min(axis=1)) if flat.size else np.array([], int)
-    if constant.size:
-        c = int(constant[0])
-        files = ([str(Path(site.root) / plane[c].file) for plane in site.planes] if site.planes else site.files())
-        raise ValueError(
-            f"{site.label}: channel(s) {[site.channels[i] for i in constant]} are constant (value {flat[c, 0]}): "
-            f"a blank or saturated acquisition ({_listing(files, 3)}); re-image the site or drop it from the plate map"
-        )
 
 
 def _read_tiff_plane(path: Path, frame: int | None, site: Site, handles: dict | None = None) -> np.ndarray:
@@ -413,32 +371,40 @@ def _read_tiff_plane(path: Path, frame: int | None, site: Site, handles: dict | 
 
     ``handles`` (path → open TiffFile) keeps multi-frame files open across the site's planes.
     """
-    import tifffile
-
     if not path.exists():
         raise FileNotFoundError(f"{site.label}: image file {path} not found; it moved since `gradcamo import` — "
                                 "re-run the import (with --path-map if the data moved)")
-    try:
-        if handles is not None and path in handles:
-            tif = handles[path]
-        else:
-            tif = tifffile.TiffFile(path)
-            if handles is not None:
-                handles[path] = tif
-        with contextlib.nullcontext() if handles is not None else tif:
-            if frame is None:
-                # One-page files (nearly all plane files) skip tifffile's series detection: ~30% faster per file.
-                data = tif.pages.first.asarray() if len(tif.pages) == 1 else tif.series[0].asarray()
-            else:
-                if frame >= len(tif.pages):
-                    raise ValueError(f"frame {frame} requested but the file has {len(tif.pages)} page(s)")
+    if handles is not None and path in handles:
+        tif = handles[path]
+    else:
+        try:
+            tif = formats._open_tiff(path)  # "not a readable TIFF …: corrupt or truncated", naming the file
+        except ValueError as e:
+            raise ValueError(f"{site.label}: {e}") from e
+        if handles is not None:
+            handles[path] = tif
+    with contextlib.nullcontext() if handles is not None else tif:
+        try:
+            n_pages = len(tif.pages)
+            problem = None if n_pages else "no image pages"  # tifffile opens a bad first-page offset with a warning
+        except Exception as e:  # a damaged page chain
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            raise ValueError(f"{site.label}: {path}: not a readable TIFF ({problem}); the file is corrupt or "
+                             "truncated — re-copy it")
+        if frame is not None and frame >= n_pages:
+            raise ValueError(f"{site.label}: {path} frame {frame}: frame {frame} requested but the file has "
+                             f"{n_pages} page(s); fix the Frame_ column or re-export the file")
+        try:
+            if frame is not None:
                 data = tif.pages[frame].asarray()
-    except ValueError as e:
-        raise ValueError(f"{site.label}: {path}" + (f" frame {frame}" if frame is not None else "")
-                         + f": {e}; fix the Frame_ column or re-export the file") from e
-    except Exception as e:  # tifffile raises several types for bad headers and truncated data
-        raise ValueError(f"{site.label}: {path}: not a readable TIFF ({type(e).__name__}: {e}); the file is "
-                         "corrupt or truncated — re-copy it") from e
+            else:
+                # One-page files (nearly all plane files) skip tifffile's series detection: ~30% faster per file.
+                data = tif.pages.first.asarray() if n_pages == 1 else tif.series[0].asarray()
+        except Exception as e:  # tifffile raises several types (ValueError among them) for truncated data
+            raise ValueError(f"{site.label}: {path}" + (f" frame {frame}" if frame is not None else "")
+                             + f": cannot read pixel data ({type(e).__name__}: {e}); the file is corrupt or "
+                             "truncated — re-copy it") from e
     while data.ndim > 2 and data.shape[-1] == 1:  # a trailing sample axis of size 1
         data = data[..., 0]
     if data.ndim == 2:
@@ -638,9 +604,8 @@ def match_channels(
 
 @dataclasses.dataclass
 class _Options:
-    channels: tuple[str, ...]
-    channel_map: dict[str, str]
-    aliases: Mapping[str, Sequence[str]] | None
+    """What the scanners need of `import_plate`'s arguments (channel matching happens after the scan)."""
+
     plate: str | None
     timepoint: int | None
     plane_column: str | None
@@ -683,6 +648,25 @@ class _Scan:
     problems: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _pick_timepoint(where: Any, found: Iterable[int], wanted: int | None, tag: str, scan: _Scan) -> int | None:
+    """The timepoint to read among those `found` (file-name numbers, shown as ``{tag}{numbers}``).
+
+    None after adding a problem to `scan`: several timepoints and none chosen, or the
+    chosen one (`wanted`, ``--timepoint``) not among them. One timepoint (or none) and
+    no choice: that one (1 when there are no files).
+    """
+    timepoints = sorted(set(found))
+    if wanted is None:
+        if len(timepoints) > 1:
+            scan.problems.append(f"{where}: {len(timepoints)} timepoints ({tag}{timepoints}); choose one with --timepoint")
+            return None
+        return timepoints[0] if timepoints else 1
+    if wanted not in timepoints:
+        scan.problems.append(f"{where}: no files of timepoint {tag}{wanted} (found {tag}{timepoints})")
+        return None
+    return wanted
 
 
 def _plate_from_folder(folder: Path) -> str:
@@ -906,13 +890,8 @@ def _scan_phenix(src: Path, o: _Options) -> _Scan:
         entries.append((tuple(int(g) for g in m.groups()), p.name))
     if other:
         scan.warnings.append(f"{other} TIFF file(s) in {folder} do not follow rXXcYYfZZpWW-chNskTfkKflL.tiff and were not used")
-    timepoints = sorted({e[0][5] for e in entries})
-    if len(timepoints) > 1 and o.timepoint is None:
-        scan.problems.append(f"{folder}: {len(timepoints)} timepoints (sk{timepoints}); choose one with --timepoint")
-        return scan
-    tp = o.timepoint if o.timepoint is not None else (timepoints[0] if timepoints else 1)
-    if o.timepoint is not None and o.timepoint not in timepoints:
-        scan.problems.append(f"{folder}: no files of timepoint sk{o.timepoint} (found sk{timepoints})")
+    tp = _pick_timepoint(folder, (e[0][5] for e in entries), o.timepoint, "sk", scan)
+    if tp is None:
         return scan
     extra = sorted({(e[0][6], e[0][7]) for e in entries})
     if len(extra) > 1:
@@ -1028,11 +1007,9 @@ def _scan_imagexpress(src: Path, o: _Options) -> _Scan:
     if unmatched:
         scan.warnings.append(f"{len(unmatched)} TIFF file(s) do not follow <well>_s<site>_w<wave>.tif and were not used: "
                              + _listing(unmatched, 5))
-    timepoints = sorted({e[3] for e in entries})
-    if len(timepoints) > 1 and o.timepoint is None:
-        scan.problems.append(f"{src}: {len(timepoints)} timepoints (TimePoint_{timepoints}); choose one with --timepoint")
+    tp = _pick_timepoint(src, (e[3] for e in entries), o.timepoint, "TimePoint_", scan)
+    if tp is None:
         return scan
-    tp = o.timepoint if o.timepoint is not None else (timepoints[0] if timepoints else 1)
     entries = [e for e in entries if e[3] == tp]
     # With ZStep_<k> folders, images beside them (no ZStep) are MetaXpress projections.
     stacked = {e[0] for e in entries if e[4] is not None}
@@ -1579,8 +1556,7 @@ def import_plate(
     channels = tuple(channels)
     if len(set(channels)) != len(channels) or not channels:
         raise LayoutError(src, layout, [f"output channels {list(channels)} must be distinct and non-empty"])
-    o = _Options(channels, dict(channel_map or {}), aliases, plate, timepoint, plane_column, dict(path_map or {}),
-                 name_pattern, check_files)
+    o = _Options(plate, timepoint, plane_column, dict(path_map or {}), name_pattern, check_files)
     scan = _SCANNERS[layout](src, o)
     problems, warnings, skipped = list(scan.problems), list(scan.warnings), []
     if not scan.sites and not problems:
@@ -1588,15 +1564,24 @@ def import_plate(
     if problems and not scan.sites:
         raise LayoutError(src, layout, problems)
 
-    groups: dict[tuple[str, str, int], list[_Raw]] = defaultdict(list)
+    # Sites are told apart by their descriptor name (`formats.site_id`, which makes names file-safe), so two
+    # sites whose plate names differ only in characters it replaces ("P 1", "P/1") cannot share one descriptor.
+    groups: dict[str, list[_Raw]] = defaultdict(list)
     for raw in scan.sites:
-        groups[raw.key].append(raw)
-    for key, raws in groups.items():
-        if len(raws) > 1:
-            problems.append(f"{_site_label(*key)} found {len(raws)} times ({_listing([r.origin for r in raws], 3)}); "
+        groups[formats.site_id(*raw.key)].append(raw)
+    for sid, raws in groups.items():
+        if len(raws) < 2:
+            continue
+        origins = _listing([r.origin for r in raws], 3)
+        labels = list(dict.fromkeys(r.label for r in raws))
+        if len(labels) == 1:
+            problems.append(f"{labels[0]} found {len(raws)} times ({origins}); "
                             "pass --plate to tell plates apart or remove the copies")
+        else:
+            problems.append(f"{', '.join(labels)} would share the site descriptor {sid}{SITE_SUFFIX} (names are made "
+                            f"file-safe) ({origins}); import these plates separately with distinct --plate names")
 
-    match = match_channels(scan.channel_order, channels, o.channel_map, aliases)
+    match = match_channels(scan.channel_order, channels, channel_map, aliases)
     problems += match.problems
     if match.problems:
         raise LayoutError(src, layout, problems)
@@ -1728,21 +1713,20 @@ def import_plate(
     df = pd.DataFrame(rows)
     df = df[list(formats.PLATE_MAP_COLUMNS) + [c for c in df.columns if c not in formats.PLATE_MAP_COLUMNS]]
 
-    planes: Counter = Counter()
+    planes: Counter = Counter()  # planes per site → number of sites
+    array_planes: dict[str, set[int]] = defaultdict(set)
     depth = None  # LoadData files read whole may be (Z, Y, X) stacks: one header tells (assumed plate-wide)
     for s in sites:
         if s.array is not None:
-            planes[dict(zip(s.array.axes, s.array.shape)).get("Z", 1)] += 1
+            n = dict(zip(s.array.axes, s.array.shape)).get("Z", 1)
+            array_planes[s.plate].add(n)
         elif s.layout == "loaddata" and any(ref.frame is None for ref in s.planes[0]):
-            depth = _stack_depth(s) if depth is None else depth
-            planes[depth * len(s.planes)] += 1
+            depth = _file_depth(s) if depth is None else depth
+            n = depth * len(s.planes)
         else:
-            planes[len(s.planes)] += 1
-    by_plate: dict[str, set] = defaultdict(set)
-    for s in sites:
-        if s.array is not None:
-            by_plate[s.plate].add(dict(zip(s.array.axes, s.array.shape)).get("Z", 1))
-    for p, zs in sorted(by_plate.items()):
+            n = len(s.planes)
+        planes[n] += 1
+    for p, zs in sorted(array_planes.items()):
         if len(zs) > 1:
             warnings.append(f"plate {p}: sites have different numbers of planes {sorted(zs)}")
     report = ImportReport(
@@ -1756,14 +1740,10 @@ def import_plate(
     return df, report
 
 
-def _stack_depth(site: Site) -> int:
+def _file_depth(site: Site) -> int:
     """Planes per file of a LoadData site whose files are read whole (header only): 1 for 2D files."""
-    import tifffile
-
-    ref = site.planes[0][0]
     try:
-        with tifffile.TiffFile(Path(site.root) / ref.file) as tif:
-            shape = list(tif.series[0].shape)
+        shape = list(formats.stack_shape(Path(site.root) / site.planes[0][0].file))
     except Exception:  # unreadable files are reported, with their name, when the site is read
         return 1
     while len(shape) > 2 and shape[-1] == 1:
@@ -1772,15 +1752,23 @@ def _stack_depth(site: Site) -> int:
 
 
 def _write_import(df: pd.DataFrame, sites: Sequence[Site], out: Path, sites_dir: Any, report: ImportReport) -> None:
+    """Write the descriptors and the plate map so that they land together.
+
+    The whole descriptor folder is swapped in at once, so a re-import never mixes old and new
+    sites. The plate map is written (to a temporary) before that swap and renamed over the old
+    one right after it, so any failure up to the swap (a descriptor or the plate map that cannot
+    be written) leaves the old plate map and descriptors as they were.
+    """
     out = out.expanduser().resolve()
     folder = Path(sites_dir).expanduser().resolve() if sites_dir is not None else out.parent / f"{out.stem}_sites"
-    # The whole descriptor folder is swapped in at once, so a re-import never mixes old and new sites.
-    with formats.atomic_path(folder) as tmp:
-        tmp.mkdir(parents=True)
-        for site in sites:
-            (tmp / f"{site.site_id}{SITE_SUFFIX}").write_text(_site_json(site))
-    df["FileName_Image"] = [os.path.relpath(folder / n, out.parent) for n in df["FileName_Image"]]
-    formats.write_plate_map(df, out)
+    names = [os.path.relpath(folder / n, out.parent) for n in df["FileName_Image"]]
+    with formats.atomic_path(out) as tmp_map:
+        with formats.atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            for site in sites:
+                write_site_file(site, tmp / f"{site.site_id}{SITE_SUFFIX}")
+            formats.write_plate_map(df.assign(FileName_Image=names), tmp_map)
+    df["FileName_Image"] = names
     report.plate_map, report.sites_dir = str(out), str(folder)
 
 
