@@ -92,14 +92,18 @@ def test_restart_of_a_module_run_stays_a_module_run(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="VmHWM and ru_maxrss surviving exec are Linux behaviour")
 def test_peak_rss_is_this_program_s_own_not_the_parent_s():
-    """A child started by a parent holding ~400 MB more than it needs reports its own peak,
-    not the parent's (ru_maxrss survives exec on Linux)."""
+    """A child started by a parent holding ~500 MB more than it needs reports its own peak,
+    not the parent's (ru_maxrss survives exec on Linux).
+
+    The child imports the same package as the parent (jax and flax come with it, ~300 MB),
+    so the bound is relative: the parent holds all of that plus the ballast."""
     from gradcamo_jax.runtime import peak_rss_mb
 
     code = "from gradcamo_jax.runtime import peak_rss_mb; print(peak_rss_mb())"
-    ballast = bytearray(400 * 2**20)
+    ballast = bytearray(500 * 2**20)
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-    assert peak_rss_mb() > 400
-    assert 1 < child < 300, child
+    parent = peak_rss_mb()
+    assert parent > 500
+    assert 1 < child < parent - 400, (child, parent)
     del ballast
