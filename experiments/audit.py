@@ -128,9 +128,10 @@ class Config:
 QUICK = Config(
     geometries=(
         tiny(study.PlateSpec(wells_per_dose=8, sites_per_well=2), seeds=(0, 1, 2)),
-        # ≈ 2.5× the CPU time of a tiny model per trained model: one seed, the cell model and the
-        # neighbor model (marked vs unmarked cells), the untrained control; one site per well.
-        fine(study.PlateSpec(wells_per_dose=8, sites_per_well=1), seeds=(0,), modes=("cell", "neighbor"),
+        # ≈ 2.5× the CPU time of a tiny model per trained model: one seed, the cell model, the two
+        # spatially separable shortcuts (background; neighbor, also marked vs unmarked cells) and
+        # the untrained control; one site per well.
+        fine(study.PlateSpec(wells_per_dose=8, sites_per_well=1), seeds=(0,), modes=("cell", "background", "neighbor"),
              controls=("untrained",)),
     ),
     steps=200,
@@ -842,8 +843,8 @@ def build_config(args) -> Config:
 
 
 def main(argv=None) -> dict:
-    p = study.arg_parser(__doc__, "CPU setting: tiny geometry 5 modes x 3 seeds + controls, fine geometry cell + neighbor "
-                                  "x 1 seed + untrained, 200 steps")
+    p = study.arg_parser(__doc__, "CPU setting: tiny geometry 5 modes x 3 seeds + controls, fine geometry cell + background "
+                                  "+ neighbor x 1 seed + untrained, 200 steps")
     p.add_argument("--smoke", action="store_true",
                    help="pipeline check: 1 seed, cell + neighbor + controls, 40 steps, small plates, 2 layers, tiny geometry")
     p.add_argument("--modes", nargs="+", choices=list(MODES))
