@@ -196,6 +196,8 @@ def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-query", default="Metadata_Dose == 0", help="pandas query selecting control cells")
     p.add_argument("--sphering", default="ZCA", help="ZCA, PCA, ZCA-cor, PCA-cor or none")
     p.add_argument("--title", default="Grad-CAMO audit")
+    p.add_argument("--overlay-channel", default=None,
+                   help="channel shown in grey beside and under the CAM overlays (e.g. DNA); default: mean of channels")
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -203,7 +205,8 @@ def _run_report(args: argparse.Namespace) -> int:
     from gradcamo_jax.sphering import SpherizeConfig
 
     sph = None if args.sphering.lower() == "none" else SpherizeConfig(args.sphering, control_query=args.control_query)
-    print(make_report(args.profiles, args.out, data_dir=args.data, config=ReportConfig(sphering=sph), title=args.title))
+    config = ReportConfig(sphering=sph, overlay_channel=args.overlay_channel)
+    print(make_report(args.profiles, args.out, data_dir=args.data, config=config, title=args.title))
     return 0
 
 

@@ -6,8 +6,9 @@
 * ``umap.png`` — UMAP (umap-learn) of the sphered profiles, coloured by dose and, in a
   second panel, by imaging site (the paper's Fig. 4A: site-coloured clusters mean a
   batch effect survived).
-* ``overlays.png`` — the central z-slice of crops with the CAM over the image and the
-  mask outlines (central cell white, other cells cyan), for the highest- and
+* ``overlays.png`` — per cell, the z-slice holding most of the central cell in two panels:
+  the image in grey, and the CAM in one hue (red) over the dimmed image, both with the
+  mask outlines (central cell cyan, other cells yellow dashed), for the highest- and
   lowest-scoring cells and for cells whose attention sits mostly on a neighbour or on
   background (Fig. 4B / 5A). Needs CAM volumes saved by ``gradcamo score --cam-sample``
   and the crop store.
@@ -52,6 +53,9 @@ class ReportConfig:
       umap_neighbors: UMAP's n_neighbors (capped at N - 1).
       seed: seed of subsampling and UMAP.
       overlay_examples: cells shown per overlay row.
+      overlay_channel: the channel shown in grey beside and under the CAM (a name from the
+        dataset's channels, e.g. "DNA"); None = the mean of the channels, each scaled to its
+        own 1st-99.5th percentile range.
       threshold: Grad-CAMO above which a cell counts as "on cell".
     """
 
@@ -61,6 +65,7 @@ class ReportConfig:
     umap_neighbors: int = 15
     seed: int = 0
     overlay_examples: int = 4
+    overlay_channel: str | None = None
     threshold: float = 0.5
 
 
@@ -211,19 +216,39 @@ def plot_attention_split(profiles: pd.DataFrame, path: Path, by: str = "Metadata
     return path
 
 
-def _composite(image_yxc: np.ndarray, channels: Sequence[str]) -> np.ndarray:
-    """An RGB picture (Y, X, 3) in [0, 1] of a crop slice: DNA blue, AGP/ER green, Mito/RNA red
-    (the first channels when names are unknown), each clipped at its 99.5th percentile."""
+def _scaled(x: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(x, [1, 99.5])
+    return np.clip((x.astype(np.float64) - lo) / max(hi - lo, 1e-9), 0, 1)
+
+
+def grey_image(image_yxc: np.ndarray, channels: Sequence[str], channel: str | None = None) -> np.ndarray:
+    """A grey picture (Y, X) in [0, 1] of a crop slice (Y, X, C): the named `channel`, or the
+    mean of all channels, each scaled to its own 1st-99.5th percentile range.
+
+    Raises:
+      ValueError: `channel` is not one of `channels` (the message lists them).
+    """
+    if channel is None:
+        return np.mean([_scaled(image_yxc[..., c]) for c in range(image_yxc.shape[-1])], axis=0)
     names = [c.upper() for c in channels]
-    pick = {"r": ("MITO", "RNA"), "g": ("AGP", "ER"), "b": ("DNA",)}
-    c = image_yxc.shape[-1]
-    out = np.zeros((*image_yxc.shape[:2], 3))
-    for k, wanted in enumerate(pick.values()):
-        idx = next((names.index(w) for w in wanted if w in names), min(k, c - 1))
-        ch = image_yxc[..., idx].astype(np.float64)
-        lo, hi = np.percentile(ch, [1, 99.5])
-        out[..., k] = np.clip((ch - lo) / max(hi - lo, 1e-9), 0, 1)
-    return out
+    if channel.upper() not in names:
+        raise ValueError(f"overlay channel {channel!r} is not among the dataset's channels {list(channels)}; "
+                         "pass one of them or None (the mean of all)")
+    return _scaled(image_yxc[..., names.index(channel.upper())])
+
+
+CAM_RGB = (1.0, 0.1, 0.0)
+"""The CAM's one hue (red): grey stays grey wherever the CAM is 0, so heat and stain cannot be confused."""
+
+
+def cam_over_grey(grey: np.ndarray, cam: np.ndarray, dim: float = 0.6) -> np.ndarray:
+    """RGB (Y, X, 3) in [0, 1]: the grey image (Y, X) dimmed by `dim`, with the CAM (Y, X) laid
+    over it in a single hue whose opacity is the CAM divided by its maximum (0 where the CAM
+    is 0, so those pixels keep R = G = B; a CAM that is 0 everywhere leaves the grey image)."""
+    top = float(np.max(cam))
+    a = np.clip(cam / top, 0, 1)[..., None] if top > 0 else np.zeros((*cam.shape, 1))
+    base = np.repeat((dim * grey)[..., None], 3, axis=-1)
+    return (1 - a) * base + a * np.asarray(CAM_RGB)
 
 
 def pick_examples(profiles: pd.DataFrame, rows: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -239,39 +264,51 @@ def pick_examples(profiles: pd.DataFrame, rows: np.ndarray, k: int) -> dict[str,
     }
 
 
+def _outline(ax, mask: np.ndarray) -> None:
+    if (mask == 1).any():
+        ax.contour(mask == 1, levels=[0.5], colors="#00e5ff", linewidths=1.2)
+    if (mask == 2).any():
+        ax.contour(mask == 2, levels=[0.5], colors="#ffd400", linewidths=0.8, linestyles="dashed")
+
+
 def plot_overlays(profiles: pd.DataFrame, store, rows: np.ndarray, cams: np.ndarray, path: Path, k: int = 4,
-                  preprocess=None) -> Path:
-    """Grid of overlays: one row per example kind, `k` cells each (central-cell z-slice).
+                  preprocess=None, channel: str | None = None) -> Path:
+    """Grid of overlays: one row per example kind, `k` cells each, two panels per cell on the
+    z-slice holding most of the central cell: the image in grey (`grey_image`, `channel`),
+    and the CAM in one hue over the dimmed image (`cam_over_grey`), both with the cell's
+    outline (cyan) and its neighbours' (yellow, dashed).
     `preprocess(image, mask)` maps a stored crop to what the model saw (the CAM's grid)."""
     plt = _plt()
     examples = pick_examples(profiles, rows, k)
     pos = {int(r): i for i, r in enumerate(rows)}
     by_row = profiles.set_index("Metadata_Row")
-    fig, axes = plt.subplots(len(examples), k, figsize=(2.6 * k, 2.9 * len(examples)), squeeze=False)
+    fig, axes = plt.subplots(len(examples), 2 * k, figsize=(1.75 * 2 * k, 2.2 * len(examples)), squeeze=False)
+    label = channel or "mean of channels"
     for r, (title, chosen) in enumerate(examples.items()):
         for j in range(k):
-            ax = axes[r, j]
-            ax.axis("off")
+            ax_img, ax_cam = axes[r, 2 * j], axes[r, 2 * j + 1]
+            ax_img.axis("off")
+            ax_cam.axis("off")
             if j >= len(chosen):
                 continue
             row = int(chosen[j])
             image, mask, cam = store.image[row].astype(np.float32), store.mask[row], cams[pos[row]].astype(np.float32)
             if preprocess is not None:
                 image, mask = preprocess(image, mask)
-            if mask.ndim == 3:  # 3D: the z-slice holding most of the central cell
+            if mask.ndim == 3:
                 z = int(np.argmax((mask == 1).sum(axis=(1, 2))))
                 image, mask, cam = image[z], mask[z], cam[z]
-            ax.imshow(_composite(image, store.channels))
-            ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=max(float(cam.max()), 1e-12))
-            if (mask == 1).any():
-                ax.contour(mask == 1, levels=[0.5], colors="white", linewidths=1.2)
-            if (mask == 2).any():
-                ax.contour(mask == 2, levels=[0.5], colors="cyan", linewidths=0.8, linestyles="dashed")
+            grey = grey_image(image, store.channels, channel)
+            ax_img.imshow(grey, cmap="gray", vmin=0, vmax=1)
+            ax_cam.imshow(cam_over_grey(grey, cam))
+            for ax in (ax_img, ax_cam):
+                _outline(ax, mask)
             c = by_row.loc[row]
-            ax.set_title(
+            ax_img.set_title(f"row {row}\n{label}", fontsize=7)
+            ax_cam.set_title(
                 f"GCO {c[GCO]:.2f} (chance {c[CHANCE]:.2f})\nnb {c[SCORE_COLUMNS['neighbors']]:.2f} "
                 f"bg {c[SCORE_COLUMNS['background']]:.2f}",
-                fontsize=8,
+                fontsize=7,
             )
         axes[r, 0].text(-0.08, 0.5, title, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right",
                         fontsize=9)
@@ -296,15 +333,17 @@ def figures_from_profiles(profiles: pd.DataFrame, out_dir: str | os.PathLike, co
         figs["scores_by_site"] = plot_distributions(profiles, "Metadata_Site", out / "scores_by_site.png", "site")
     if store is not None and cams is not None and len(cams):
         figs["overlays"] = plot_overlays(profiles, store, cam_rows, cams, out / "overlays.png", config.overlay_examples,
-                                         preprocess)
+                                         preprocess, config.overlay_channel)
     return figs
 
 
 _CAPTIONS = {
     "umap": "UMAP of sphered profiles by dose (left) and by imaging site (right). Clusters that follow the "
     "site rather than the dose mean a batch effect survived sphering (paper Fig. 4A).",
-    "overlays": "Grad-CAM (jet) over the crop's central-cell slice; white outline = the cell the profile "
-    "describes, cyan dashed = other cells. GCO = Grad-CAMO, nb/bg = attention on neighbours/background (Fig. 4B, 5A).",
+    "overlays": "Each cell in two panels on the slice holding most of it: the image in grey, then the CAM in red "
+    "over the dimmed image (red opacity = CAM / its maximum in the crop; grey = no attention). Cyan outline = the "
+    "cell the profile describes, yellow dashed = other cells. GCO = Grad-CAMO, nb/bg = attention on "
+    "neighbours/background (Fig. 4B, 5A).",
     "scores_by_dose": "Grad-CAMO by dose; red bars = chance level (the central cell's volume fraction, the "
     "score of a uniform map). Scores near chance mean the model does not look at the cell (Fig. 5B).",
     "scores_by_site": "Grad-CAMO by imaging site (Fig. 5B).",
@@ -342,6 +381,8 @@ def make_report(
     profiles = read_profiles(profiles_dir)
     rows, cams = read_cams(profiles_dir)
     store = formats.open_crops(data_dir) if data_dir is not None and len(rows) else None
+    if store is not None and config.overlay_channel is not None:  # before the figures, not after UMAP
+        grey_image(np.zeros((1, 1, len(store.channels))), store.channels, config.overlay_channel)
     manifest = formats.read_json(Path(profiles_dir) / "manifest.json")
     preprocess = None
     if manifest.get("crop_shape") is not None or tuple(manifest.get("downsample", (1, 1, 1))) != (1, 1, 1):
@@ -392,4 +433,5 @@ def make_report(
     return index
 
 
-__all__ = ["ReportConfig", "figures_from_profiles", "headline", "layer_diagnostics", "make_report", "pick_examples"]
+__all__ = ["ReportConfig", "cam_over_grey", "figures_from_profiles", "grey_image", "headline", "layer_diagnostics",
+           "make_report", "pick_examples"]

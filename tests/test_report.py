@@ -17,6 +17,9 @@ FAST = {
     "test_examples_are_extremes_among_saved_cams",
     "test_missing_part_is_a_clear_error",
     "test_layer_diagnostics_flag_scores_that_restate_cell_size",
+    "test_cam_overlay_keeps_stain_grey_and_heat_in_one_hue",
+    "test_grey_image_is_the_named_channel_or_the_mean_and_names_a_wrong_one",
+    "test_report_with_an_unknown_overlay_channel_fails_before_the_figures",
 }
 
 SPATIAL = (5, 24, 24)
@@ -135,3 +138,48 @@ def test_layer_diagnostics_flag_scores_that_restate_cell_size(folder, tmp_path):
         text = make_report(out / "profiles", out / "report", config=ReportConfig(sphering=None, umap=False)).read_text()
         assert ("mostly restate cell" in text) == (name == "size_only"), name
         assert "3×8×8" in text
+
+
+def test_cam_overlay_keeps_stain_grey_and_heat_in_one_hue():
+    """Where the CAM is 0 the picture is the dimmed grey image (R = G = B, so stain never looks
+    like heat); at the CAM's maximum it is the CAM's hue whatever the stain; in between the
+    opacity is CAM / max. A CAM that is 0 everywhere leaves the grey image."""
+    from gradcamo_jax.report import CAM_RGB, cam_over_grey
+
+    rng = np.random.default_rng(0)
+    grey = rng.random((12, 10))
+    cam = np.zeros((12, 10))
+    cam[3:6, 4:8] = rng.uniform(0.2, 2.0, (3, 4))
+    cam[4, 5] = 4.0
+    rgb = cam_over_grey(grey, cam, dim=0.6)
+    off = cam == 0
+    np.testing.assert_allclose(rgb[off], np.repeat(0.6 * grey[off][:, None], 3, axis=1))
+    np.testing.assert_allclose(rgb[4, 5], CAM_RGB)
+    a = cam[3, 4] / 4.0
+    np.testing.assert_allclose(rgb[3, 4], (1 - a) * 0.6 * grey[3, 4] + a * np.asarray(CAM_RGB))
+    np.testing.assert_allclose(cam_over_grey(grey, np.zeros_like(cam), dim=1.0), np.repeat(grey[..., None], 3, axis=-1))
+
+
+def test_grey_image_is_the_named_channel_or_the_mean_and_names_a_wrong_one():
+    from gradcamo_jax.report import grey_image
+
+    rng = np.random.default_rng(1)
+    img = rng.random((16, 16, 3)) * np.array([1.0, 10.0, 100.0])
+    channels = ("DNA", "ER", "Mito")
+    er = grey_image(img, channels, "er")
+    lo, hi = np.percentile(img[..., 1], [1, 99.5])
+    np.testing.assert_allclose(er, np.clip((img[..., 1] - lo) / (hi - lo), 0, 1))
+    # The mean of per-channel-scaled channels: channel 2's larger range does not dominate.
+    mean = grey_image(img, channels)
+    parts = [grey_image(img, channels, c) for c in channels]
+    np.testing.assert_allclose(mean, np.mean(parts, axis=0))
+    with pytest.raises(ValueError, match=r"'AGP'.*\['DNA', 'ER', 'Mito'\]"):
+        grey_image(img, channels, "AGP")
+
+
+def test_report_with_an_unknown_overlay_channel_fails_before_the_figures(folder, tmp_path):
+    base, _ = folder
+    with pytest.raises(ValueError, match="overlay channel 'Actin'"):
+        make_report(base / "profiles", tmp_path / "r", data_dir=base / "data",
+                    config=ReportConfig(overlay_channel="Actin", umap=False))
+    assert not (tmp_path / "r" / "scores_by_dose.png").exists()
