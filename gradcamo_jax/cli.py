@@ -10,6 +10,7 @@ thin wrapper over a function that the tests call directly. Each command owns one
     gradcamo score  --checkpoint DIR --data DIR --out DIR [--shard I/N | --coordinator H:P ...]
     gradcamo score  --out DIR --merge                  (after every shard: check and mark complete)
     gradcamo report --profiles DIR --out DIR
+    gradcamo evaluate --profiles DIR --out DIR [--control-query Q] [--group-by COLS] [--annotation COL]
     gradcamo demo   --out DIR [--tiny]
 """
 
@@ -201,12 +202,61 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from gradcamo_jax.evaluate import EvaluateConfig
     from gradcamo_jax.report import ReportConfig, make_report
     from gradcamo_jax.sphering import SpherizeConfig
 
     sph = None if args.sphering.lower() == "none" else SpherizeConfig(args.sphering, control_query=args.control_query)
-    config = ReportConfig(sphering=sph, overlay_channel=args.overlay_channel)
+    evaluate = EvaluateConfig(control_query=args.control_query, sphering=sph.method if sph is not None else None)
+    config = ReportConfig(sphering=sph, overlay_channel=args.overlay_channel, evaluate=evaluate)
     print(make_report(args.profiles, args.out, data_dir=args.data, config=config, title=args.title))
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profiles", required=True, help="output folder of `gradcamo score`")
+    p.add_argument("--out", required=True, help="folder for map_activity.{parquet,csv}, summary.json, map_activity.png")
+    p.add_argument("--control-query", default="Metadata_Dose == 0", help="pandas query selecting control cells")
+    p.add_argument("--group-by", default="Metadata_Treatment,Metadata_Dose",
+                   help="comma-separated columns naming a replicate group (absent ones are left out)")
+    p.add_argument("--well-by", default="Metadata_Plate,Metadata_Well", help="comma-separated columns naming a well")
+    p.add_argument("--sphering", default="ZCA", help="ZCA, PCA, ZCA-cor, PCA-cor or none")
+    p.add_argument("--sphering-by", default="Metadata_Plate", help="one sphering per value of these columns; '' = one")
+    p.add_argument("--sphere-on", default="cells", choices=("cells", "wells"),
+                   help="sphere the cells on control cells before the well median (default), or the well medians on "
+                   "control wells (needs more control wells than features)")
+    p.add_argument("--annotation", default=None, help="Metadata_ column for phenotypic consistency (e.g. a MoA)")
+    p.add_argument("--distance", default="cosine", help="copairs similarity: cosine, correlation, euclidean, ...")
+    p.add_argument("--null-size", type=int, default=100_000, help="random rankings in copairs' null distribution")
+    p.add_argument("--threshold", type=float, default=0.05, help="corrected p-value below which a dose is retrieved")
+    p.add_argument("--seed", type=int, default=0, help="seed of copairs' null distributions")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from gradcamo_jax.evaluate import EvaluateConfig, evaluate_profiles, write_evaluation
+    from gradcamo_jax.scoring import read_profiles
+
+    config = EvaluateConfig(
+        control_query=args.control_query, well_by=_columns(args.well_by), group_by=_columns(args.group_by),
+        sphering=None if args.sphering.lower() == "none" else args.sphering, sphering_by=_columns(args.sphering_by),
+        sphere_on=args.sphere_on, distance=args.distance, null_size=args.null_size, threshold=args.threshold,
+        seed=args.seed, annotation=args.annotation,
+    )
+    try:
+        result = evaluate_profiles(read_profiles(args.profiles), config)
+    except ValueError as e:
+        raise SystemExit(f"gradcamo evaluate: {e}") from e
+    write_evaluation(result, args.out)
+    print(json.dumps(result.summary))
     return 0
 
 
@@ -235,6 +285,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train an EfficientNet on a cell dataset (resumes from --workdir)", _add_train, _run_train),
     "score": ("bulk Grad-CAMO scoring of a cell dataset to Parquet profiles", _add_score, _run_score),
     "report": ("HTML report with UMAP, CAM overlays and score distributions", _add_report, _run_report),
+    "evaluate": ("copairs mAP of the well profiles per dose against controls (phenotypic activity)", _add_evaluate,
+                 _run_evaluate),
     "demo": ("synth → crop → train → score → report on a synthetic plate", _add_demo, _run_demo),
 }
 

@@ -15,6 +15,9 @@
 * ``scores_by_dose.png``, ``scores_by_site.png`` — Grad-CAMO distributions with the
   chance level (Fig. 5B).
 * ``attention_split.png`` — mean attention on cell / neighbours / background by dose.
+* ``evaluation/``: copairs mAP per dose against controls (`gradcamo_jax.evaluate`: the
+  table, ``map_activity.png`` and ``summary.json``), when the plate has the wells for it;
+  otherwise the page says why it is absent.
 * headline numbers: dataset mean Grad-CAMO, fraction of cells > 0.5, mean chance level,
   attention split, accuracy on held-out wells; and `summarize` tables by dose and site.
 
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gradcamo_jax.evaluate import EvaluateConfig
 from gradcamo_jax.metric import SCORE_COLUMNS, summarize
 from gradcamo_jax.sphering import SpherizeConfig, feature_columns, spherize
 
@@ -57,6 +61,7 @@ class ReportConfig:
         dataset's channels, e.g. "DNA"); None = the mean of the channels, each scaled to its
         own 1st-99.5th percentile range.
       threshold: Grad-CAMO above which a cell counts as "on cell".
+      evaluate: copairs mAP of the well profiles per dose (`EvaluateConfig`); None skips it.
     """
 
     sphering: SpherizeConfig | None = SpherizeConfig()
@@ -67,6 +72,7 @@ class ReportConfig:
     overlay_examples: int = 4
     overlay_channel: str | None = None
     threshold: float = 0.5
+    evaluate: EvaluateConfig | None = EvaluateConfig()
 
 
 def _plt():
@@ -355,6 +361,51 @@ def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(float_format=lambda v: f"{v:.3f}", border=0, classes="t")
 
 
+_SPHERED = {"cells": " (cells sphered on control cells)", "wells": ", sphered on the control wells"}
+MAP_COLUMNS = ("n_wells", "mean_average_precision", "null_mean_average_precision", "p_value", "corrected_p_value",
+               "below_corrected_p")
+
+
+def map_section(profiles: pd.DataFrame, out_dir: str | os.PathLike, config: EvaluateConfig | None) -> tuple[str, dict]:
+    """The report's mAP part: evaluate `profiles` with copairs, write the files under
+    ``out_dir/evaluation/`` and return (HTML, summary). When the profiles cannot be evaluated
+    (too few control or replicate wells, wells mixing doses, copairs missing, ...) the HTML
+    says why and the summary is ``{}``; it never raises for such data."""
+    if config is None:
+        return "", {}
+    head = "<h2>Profile strength: copairs mAP per dose</h2>"
+    try:
+        from gradcamo_jax.evaluate import evaluate_profiles, write_evaluation
+
+        result = evaluate_profiles(profiles, config)
+    except ImportError as e:
+        why = f"copairs is not installed ({e}); pip install 'copairs>=0.5.5'"
+    except ValueError as e:
+        why = str(e)
+    else:
+        paths = write_evaluation(result, Path(out_dir) / "evaluation")
+        s = result.summary
+        group_by = s["group_by"]
+        table = result.activity[[*group_by, *MAP_COLUMNS]].set_index(group_by)
+        notes = "".join(f"<p><i>Note: {html.escape(n)}.</i></p>" for n in s["notes"])
+        text = (
+            f"{head}<p>{s['groups_retrieved']} of {s['groups']} doses retrieved (copairs phenotypic activity: "
+            f"each treated well's replicate wells ranked against {s['control_wells']} control wells by "
+            f"{html.escape(s['distance'])} similarity of the per-well median profiles"
+            f"{_SPHERED.get(s['sphere_on'], '')}; Benjamini-Hochberg corrected p &lt; "
+            f"{s['threshold']:g}, null of {s['null_size']} random rankings, smallest possible p "
+            f"{s['min_p_value']:.1e}).</p>{notes}"
+            f"<figure><img src='evaluation/{paths['figure'].name}' alt='map_activity'><figcaption>mAP per dose (filled = "
+            "retrieved; grey dash = mean of the null) and the corrected p-value. Table and summary: evaluation/."
+            "</figcaption></figure>" + _table_html(table)
+        )
+        return text, s
+    import shutil
+
+    shutil.rmtree(Path(out_dir) / "evaluation", ignore_errors=True)  # no stale files from an earlier run
+    return f"{head}<p>Not computed: {html.escape(why)}.</p>", {}
+
+
 def make_report(
     profiles_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -422,6 +473,7 @@ def make_report(
                 f"<figure><img src='{figs[name].name}' alt='{name}'><figcaption>{html.escape(_CAPTIONS[name])}"
                 "</figcaption></figure>"
             )
+    parts.append(map_section(profiles, out, config.evaluate)[0])
     for by in ("Metadata_Dose", "Metadata_Site", "Metadata_Split"):
         if by in profiles:
             parts.append(f"<h3>Grad-CAMO by {html.escape(by.replace('Metadata_', '').lower())}</h3>")
@@ -434,4 +486,4 @@ def make_report(
 
 
 __all__ = ["ReportConfig", "cam_over_grey", "figures_from_profiles", "grey_image", "headline", "layer_diagnostics",
-           "make_report", "pick_examples"]
+           "make_report", "map_section", "pick_examples"]
