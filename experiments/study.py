@@ -119,12 +119,14 @@ def make_dataset(root: Path, signal, seed: int, plate: PlateSpec, synth: dict | 
 
 def train_model(data: Path, workdir: Path, config: TrainConfig) -> tuple[TrainConfig, dict, dict]:
     """Train (or resume/reuse) a run; returns ``(config, variables of the last step, timings)``."""
-    from gradcamo_jax.config import config_to_dict
+    from gradcamo_jax.config import config_from_dict, config_to_dict
     from gradcamo_jax.data import formats
     from gradcamo_jax.train import load_checkpoint, train_and_evaluate
 
     done = workdir / "trained.json"
-    if done.exists() and json.loads(done.read_text()).get("config") != json.loads(json.dumps(config_to_dict(config))):
+    # Compared as configs, not as dicts: a run cached before a config gained a field (at its
+    # default) is the same run.
+    if done.exists() and config_from_dict(TrainConfig, json.loads(done.read_text()).get("config") or {}) != config:
         raise ValueError(f"{workdir} holds a run of another configuration; use a new --work folder")
     if not done.exists():
         t = time.perf_counter()

@@ -232,6 +232,27 @@ class DataConfig:
       read_threads: threads per process (or per worker) reading elements.
       prefetch: batches buffered ahead of the training step (at least `read_threads`,
         since each thread works on one batch).
+      context_remedy: what the model may see of a cell's context (background, mask code 0, and
+        other cells, code 2), a remedy against context shortcuts (`gradcamo_jax.data.pipeline`,
+        experiments/README.md "Remedies study"):
+
+        * "none": the crop as it is (default);
+        * "randomize": during training only, with probability `randomize_prob` per crop, the
+          context is replaced by one of the audit's fills (`gradcamo_jax.audit.fill_region`,
+          region "context"): noise matched to the crop's own context per channel, or the
+          context voxels of a control cell's crop (`randomize_fill`); inference is unchanged;
+        * "mask": the crop multiplied by the central-cell mask (context set to 0, as
+          DeepProfiler's ``mask_objects``), in training, validation *and* inference;
+        * "attenuate": context multiplied by `context_factor`, in training and inference.
+
+        "mask" and "attenuate" are input transforms the model needs at inference: they travel
+        with the run's config (checkpoint meta) and `gradcamo_jax.scoring.score_dataset`
+        applies them when given the run's ``data_config``.
+      context_factor: the "attenuate" factor in (0, 1).
+      randomize_prob: probability that a training crop's context is randomised.
+      randomize_fill: "noise", "swap" (a control cell's context) or "both" (each randomised
+        crop picks one of the two with probability 1/2).
+      control_class: class index of control cells, the donors of the "swap" fill.
     """
 
     batch_size: int = 32
@@ -247,8 +268,22 @@ class DataConfig:
     worker_count: int = 0
     read_threads: int = 2
     prefetch: int = 4
+    context_remedy: Literal["none", "randomize", "mask", "attenuate"] = "none"
+    context_factor: float = 0.25
+    randomize_prob: float = 0.5
+    randomize_fill: Literal["noise", "swap", "both"] = "both"
+    control_class: int = 0
 
     def __post_init__(self):
+        if self.context_remedy not in ("none", "randomize", "mask", "attenuate"):
+            raise ValueError(f"DataConfig.context_remedy={self.context_remedy!r}; expected "
+                             "'none', 'randomize', 'mask' or 'attenuate'")
+        if not 0 < self.context_factor < 1:
+            raise ValueError(f"DataConfig.context_factor={self.context_factor}; expected in (0, 1)")
+        if not 0 <= self.randomize_prob <= 1:
+            raise ValueError(f"DataConfig.randomize_prob={self.randomize_prob}; expected in [0, 1]")
+        if self.randomize_fill not in ("noise", "swap", "both"):
+            raise ValueError(f"DataConfig.randomize_fill={self.randomize_fill!r}; expected 'noise', 'swap' or 'both'")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"DataConfig batch sizes must be >= 1 (got {self.batch_size}, {self.eval_batch_size})")
         if self.split_fractions is not None:

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from gradcamo_jax.cam import make_explain_fn
-from gradcamo_jax.config import STAGE_NAMES, ModelConfig
+from gradcamo_jax.config import STAGE_NAMES, DataConfig, ModelConfig
 from gradcamo_jax.data import formats, shards
 from gradcamo_jax.metric import SCORE_COLUMNS
 from gradcamo_jax.models.efficientnet import EfficientNet, layer_index, layer_shapes
@@ -222,14 +222,20 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
 
 
 def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows: tuple[int, int], config: ScoreConfig,
-               *, crop_shape=None, downsample=(1, 1, 1), on_batch=None, random_variables=None
+               *, crop_shape=None, downsample=(1, 1, 1), on_batch=None, random_variables=None,
+               context_remedy: str = "none", context_factor: float = 0.25
                ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Score rows ``[rows[0], rows[1])`` of the dataset, each crop centre-cropped to `crop_shape`
-    and binned by `downsample` as the model was trained (`DataConfig` fields of those names).
+    and binned by `downsample` as the model was trained (`DataConfig` fields of those names),
+    then given the run's context transform (`pipeline.context_transform` of `context_remedy`,
+    `context_factor`: "mask" and "attenuate" change what the model sees; the audit's fills act
+    on the crop before the transform, as the model's input would be).
 
     Returns ``(table, cam_rows, cams)``: the part's profile table; the sampled rows of this
     part and their CAM volumes ``(M, Z, Y, X)`` float16 (M may be 0).
     """
+    from gradcamo_jax.data.pipeline import INFERENCE_REMEDIES, context_transform
+
     mesh = make_mesh(jax.local_devices())
     ndev = mesh.devices.size
     batch = -(-config.batch_size // ndev) * ndev
@@ -252,6 +258,9 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
             )
         x = jax.device_put(_pad(images, batch), sharding)
         m = jax.device_put(_pad(masks, batch), sharding)
+        x_raw = x
+        if context_remedy in INFERENCE_REMEDIES:
+            x = jax.device_put(_pad(context_transform(images, masks, context_remedy, context_factor), batch), sharding)
         out_dev = fn(variables, x, m, targets)
         out = jax.device_get(out_dev)
         s = out.scores
@@ -272,7 +281,8 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
             got[f"__feat_{layer}"] = out.features[layer][:n]
         if config.audit:
             got.update(_audit_columns(model, variables, random_variables, fn, x, m, out_dev.targets, s.cell[:n], first,
-                                      config, n))
+                                      config, n, x_raw=x_raw, context_remedy=context_remedy,
+                                      context_factor=context_factor))
         for k, v in got.items():
             cols.setdefault(k, []).append(np.asarray(v))
         if out.cam is not None:
@@ -298,13 +308,19 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
 
 
 def _audit_columns(model, variables, random_variables, fn, x, m, targets, trained, first: int, config: ScoreConfig,
-                   n: int) -> dict:
-    """The audit's per-cell columns for one padded batch (rows ``first …``); see `ScoreConfig.audit`."""
+                   n: int, *, x_raw=None, context_remedy: str = "none", context_factor: float = 0.25) -> dict:
+    """The audit's per-cell columns for one padded batch (rows ``first …``); see `ScoreConfig.audit`.
+    `x` is what the model saw; with an inference remedy the fills act on `x_raw` (the crop
+    before the transform) and the transform runs after them (`remedy_logits`)."""
     from gradcamo_jax import audit
+    from gradcamo_jax.data.pipeline import INFERENCE_REMEDIES
 
     keys = audit.cell_keys(jax.random.key(config.audit_seed), np.arange(first, first + x.shape[0]))
-    res = jax.device_get(audit.reliance_batch(audit.efficientnet_logits(model, variables), x, m, keys, targets,
-                                              settings=config.reliance_settings))
+    if context_remedy in INFERENCE_REMEDIES:
+        logits_fn, crops = remedy_logits(model, variables, context_remedy, context_factor), x_raw
+    else:
+        logits_fn, crops = audit.efficientnet_logits(model, variables), x
+    res = jax.device_get(audit.reliance_batch(logits_fn, crops, m, keys, targets, settings=config.reliance_settings))
     cols = {"Metadata_Audit_LogP": res.logp0[:n]}
     for i, region in enumerate(res.regions):
         for j, fill in enumerate(res.fills):
@@ -318,6 +334,36 @@ def _audit_columns(model, variables, random_variables, fn, x, m, targets, traine
     cols["Metadata_GradCAMO_Random"] = rand
     cols["Metadata_GradCAMO_Corrected"] = np.asarray(corrected)
     return cols
+
+
+@dataclasses.dataclass(frozen=True)
+class _RemedyLogits:
+    # Hashable by value, so every Partial of the same model and remedy shares one compiled core.
+    model: EfficientNet
+    remedy: str
+    factor: float
+
+    def __call__(self, variables, images, masks):
+        from gradcamo_jax.data.pipeline import context_transform
+
+        return self.model.apply(variables, context_transform(images, masks, self.remedy, self.factor), train=False)
+
+
+def remedy_logits(model: EfficientNet, variables, remedy: str = "none", factor: float = 0.25):
+    """``logits_fn`` for `gradcamo_jax.audit.reliance` of a model trained with a context remedy:
+    ``(images (B, *S, C), masks (B, *S)) -> (B, K)`` logits of the crops after `pipeline.context_transform`
+    (BatchNorm in inference mode). The audit's fills replace a region of the crop as
+    stored; the transform then runs as it does on every input of that model, so a "mask"
+    model's context drops are exactly 0. Remedy "none"/"randomize":
+    `audit.efficientnet_logits` (no transform)."""
+    from jax.tree_util import Partial
+
+    from gradcamo_jax import audit
+    from gradcamo_jax.data.pipeline import INFERENCE_REMEDIES
+
+    if remedy not in INFERENCE_REMEDIES:
+        return audit.efficientnet_logits(model, variables)
+    return Partial(_RemedyLogits(model, remedy, float(factor)), variables)
 
 
 def _check_manifest(out_dir: Path, manifest: dict) -> None:
@@ -358,6 +404,7 @@ def score_dataset(
     *,
     crop_shape: tuple[int, int, int] | None = None,
     downsample: tuple[int, int, int] = (1, 1, 1),
+    data_config: DataConfig | None = None,
     progress: bool = True,
     max_parts: int | None = None,
     shard: tuple[int, int] = (0, 1),
@@ -373,6 +420,11 @@ def score_dataset(
       crop_shape, downsample: the training run's centre crop ``(Z, Y, X)`` and binning
         (``DataConfig.crop_shape``/``downsample``), applied to every crop and mask before the
         model sees it; the defaults take crops as stored.
+      data_config: the training run's `DataConfig` (``load_checkpoint(...)[0].data``): its
+        ``crop_shape`` and ``downsample`` (then leave those two arguments unset) and its
+        context remedy's inference transform ("mask", "attenuate": `pipeline.context_transform`,
+        recorded in the manifest). A model trained with such a remedy scored without it sees
+        inputs it never saw in training: pass the run's data config.
       progress: show a tqdm bar with cells/s.
       max_parts: stop after this many newly scored parts (tests simulate interruptions).
       shard: ``(I, N)``: score only job-array shard I of N (`assigned_parts`); run
@@ -393,8 +445,15 @@ def score_dataset(
             raise ValueError(f"{data_dir}: cells.parquet Metadata_Row is not 0…N-1 in order; re-run the crop merge")
     if len(store) != len(cells):
         raise ValueError(f"{data_dir}: {len(cells)} rows in cells.parquet but {len(store)} crops; re-run the crop merge")
-    from gradcamo_jax.data.pipeline import transform_shape
+    from gradcamo_jax.data.pipeline import INFERENCE_REMEDIES, transform_shape
 
+    remedy, factor = "none", 0.25
+    if data_config is not None:
+        if crop_shape is not None or tuple(downsample) != (1, 1, 1):
+            if (crop_shape, tuple(downsample)) != (data_config.crop_shape, tuple(data_config.downsample)):
+                raise ValueError("score_dataset: crop_shape/downsample disagree with data_config; pass one or the other")
+        crop_shape, downsample = data_config.crop_shape, tuple(data_config.downsample)
+        remedy, factor = data_config.context_remedy, data_config.context_factor
     # The spatial shape the model sees (its last axes: (Y, X) for a 2D model).
     spatial = transform_shape(tuple(store.image.shape[1:]), crop_shape, downsample)[:-1][-model.config.spatial_dims:]
     if config.layer == "auto":
@@ -413,6 +472,8 @@ def score_dataset(
         "audit": None if not config.audit else {"fills": list(config.audit_fills), "seed": config.audit_seed},
         **_fingerprint(cells, variables),
     }
+    if remedy in INFERENCE_REMEDIES:  # (absent otherwise: manifests of runs without one stay as they were)
+        manifest["context_remedy"] = {"remedy": remedy, "factor": factor if remedy == "attenuate" else None}
     random_variables = None
     if config.audit:
         from gradcamo_jax import audit
@@ -434,7 +495,8 @@ def score_dataset(
         for k in todo:
             table, idx, cams = score_part(model, variables, store, cells, bounds[k], config, crop_shape=crop_shape,
                                           downsample=downsample, on_batch=bar.update,
-                                          random_variables=random_variables)
+                                          random_variables=random_variables, context_remedy=remedy,
+                                          context_factor=factor)
             if len(idx):
                 # CAMs first: a part's parquet file is the marker that the whole part is done.
                 formats.write_arrays(out_dir / CAM_DIR / PART.format(k).replace(".parquet", ".zarr"),

@@ -254,6 +254,116 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, confi
     return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(mask)
 
 
+# ----------------------------------------------------------------------------- context remedies
+
+CONTEXT_REMEDIES: tuple[str, ...] = ("none", "randomize", "mask", "attenuate")
+"""Values of `DataConfig.context_remedy`."""
+
+INFERENCE_REMEDIES: tuple[str, ...] = ("mask", "attenuate")
+"""Remedies that transform the input at inference too (`context_transform`): a model trained
+with one must be scored with it."""
+
+
+def context_transform(image, mask, remedy: str = "none", factor: float = 0.25):
+    """The input transform of a context remedy, applied in training, validation and inference.
+
+    Args:
+      image: ``(..., Z, Y, X, C)`` float crops (2D: ``(..., Y, X, C)``; any leading batch
+        axes), NumPy or JAX.
+      mask: ``(..., Z, Y, X)`` codes (`formats.MASK_CENTRAL` = 1 the central cell, 2 other
+        cells, 0 background), the same leading axes.
+      remedy: `DataConfig.context_remedy`. "mask": every voxel outside the central cell set
+        to 0 (DeepProfiler's ``mask_objects``, written as a select so the zeros are +0);
+        "attenuate": those voxels multiplied by `factor`; "none" and "randomize" (a
+        training-only augmentation, `randomize_context`): `image` returned as it is.
+      factor: the "attenuate" factor (`DataConfig.context_factor`).
+
+    Returns:
+      An array like `image` (same type and dtype); the central cell's voxels bit-identical.
+    """
+    if remedy not in CONTEXT_REMEDIES:
+        raise ValueError(f"context remedy {remedy!r}; expected one of {CONTEXT_REMEDIES}")
+    if remedy not in INFERENCE_REMEDIES:
+        return image
+    if tuple(mask.shape) != tuple(image.shape[:-1]):
+        raise ValueError(f"mask shape {tuple(mask.shape)} != image shape {tuple(image.shape)} without its channel axis")
+    if isinstance(image, np.ndarray):
+        xp, cast = np, lambda v: np.asarray(v, image.dtype)
+    else:
+        import jax.numpy as xp
+
+        def cast(v):
+            return xp.asarray(v, image.dtype)
+    from gradcamo_jax.data.formats import MASK_CENTRAL
+
+    cell = (mask == MASK_CENTRAL)[..., None]
+    other = cast(0.0) if remedy == "mask" else image * cast(factor)
+    return xp.where(cell, image, other)
+
+
+def _fill_context_fn():
+    """`audit.fill_region` of the region "context", jitted per fill (compiled once per crop shape)."""
+    global _FILL_CONTEXT
+    if _FILL_CONTEXT is None:
+        import functools
+
+        import jax
+
+        from gradcamo_jax import audit
+
+        @functools.partial(jax.jit, static_argnames=("fill",))
+        def fill(image, mask, key, donor, *, fill):
+            return audit.fill_region(image, mask, "context", fill, key, donor)[0]
+
+        _FILL_CONTEXT = fill
+    return _FILL_CONTEXT
+
+
+_FILL_CONTEXT = None
+
+
+def randomize_context(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, config: DataConfig,
+                      donor: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """The "randomize" remedy's augmentation of one training crop (before `augment`).
+
+    With probability ``config.randomize_prob`` the crop's context (mask codes 0 and 2) is
+    replaced by the audit's fill (`gradcamo_jax.audit.fill_region`, region "context"):
+    "noise" (Gaussian noise with the context's own per-channel mean and SD, exactly) or
+    "swap" (the same voxels of `donor`, a control cell's crop, copied bit for bit);
+    ``config.randomize_fill`` "both" picks one of the two with probability 1/2. Without a
+    donor, "swap" falls back to "noise". Three numbers are drawn from `rng` whatever happens
+    (coin, fill pick, noise seed), so a crop's draw does not depend on the previous crop's.
+
+    Args:
+      image: ``(Z, Y, X, C)`` float32; mask: ``(Z, Y, X)`` codes; rng: the crop's own stream.
+      config: `DataConfig` (``randomize_prob``, ``randomize_fill``).
+      donor: ``(Z, Y, X, C)`` control crop for "swap", or None.
+
+    Returns:
+      ``(crop, fill)``: the crop (float32, central cell bit-identical; `image` itself when
+      nothing was replaced) and the fill used ("" for none).
+    """
+    coin, pick, noise_seed = rng.random(), rng.random(), int(rng.integers(2**31 - 1))
+    if coin >= config.randomize_prob:
+        return image, ""
+    fill = config.randomize_fill if config.randomize_fill != "both" else ("noise" if pick < 0.5 else "swap")
+    if fill == "swap" and donor is None:
+        fill = "noise"
+    import jax
+
+    out = _fill_context_fn()(image, mask, jax.random.key(noise_seed), image if donor is None else donor, fill=fill)
+    return np.asarray(out, np.float32), fill
+
+
+def control_positions(source, control_class: int) -> np.ndarray:
+    """Positions in `source` of its cells of `control_class` (the "swap" donors), from the
+    source's ``labels`` array (both sources here have one) or by reading every label."""
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        labels = np.array([int(source[i]["label"]) for i in range(len(source))])
+    return np.flatnonzero(np.asarray(labels) == control_class)
+
+
 # ----------------------------------------------------------------------------- datasets
 
 
@@ -283,11 +393,27 @@ class _LoadTrain:
     order: grain.MapDataset
     config: DataConfig
     seed: int
+    donors: np.ndarray | None = None  # "randomize": positions of control cells in `source`
 
     def __call__(self, g: int) -> dict[str, Any]:
-        ex = self.source[int(self.order[g])]
-        image, mask = centre_crop_and_bin(ex["image"], ex["mask"], self.config.crop_shape, self.config.downsample)
-        image, mask = augment(image, mask, np.random.default_rng((self.seed, int(g))), self.config)
+        cfg = self.config
+        pos = int(self.order[g])
+        ex = self.source[pos]
+        image, mask = centre_crop_and_bin(ex["image"], ex["mask"], cfg.crop_shape, cfg.downsample)
+        if cfg.context_remedy == "randomize":
+            # Its own stream (seed, g, 1): the flips and jitter below draw exactly as without it.
+            rng = np.random.default_rng((self.seed, int(g), 1))
+            donor = None
+            if self.donors is not None and len(self.donors):
+                j = int(self.donors[int(rng.integers(len(self.donors)))])
+                if j == pos and len(self.donors) > 1:  # never the cell's own context
+                    j = int(self.donors[(int(np.searchsorted(self.donors, j)) + 1) % len(self.donors)])
+                if j != pos:
+                    d = self.source[j]
+                    donor = centre_crop_and_bin(d["image"], d["mask"], cfg.crop_shape, cfg.downsample)[0]
+            image, _ = randomize_context(image, mask, rng, cfg, donor)
+        image, mask = augment(image, mask, np.random.default_rng((self.seed, int(g))), cfg)
+        image = context_transform(image, mask, cfg.context_remedy, cfg.context_factor)
         return {**ex, "image": image, "mask": mask, "valid": np.bool_(True)}
 
 
@@ -305,6 +431,7 @@ class _LoadEval:
         if g >= len(self.source):
             return {"image": np.zeros_like(image), "mask": np.zeros_like(mask), "label": np.int32(0),
                     "index": np.int64(-1), "valid": np.bool_(False)}
+        image = context_transform(image, mask, self.config.context_remedy, self.config.context_factor)
         return {**ex, "image": np.ascontiguousarray(image), "mask": np.ascontiguousarray(mask), "valid": np.bool_(True)}
 
 
@@ -321,20 +448,26 @@ def train_dataset(
     """Endless training batches for one process: dicts of ``(B/P, ...)`` arrays (see module doc).
 
     Element t is this process's part of global batch t, a pure function of
-    ``(source, config, seed, t)``.
+    ``(source, config, seed, t)``. ``config.context_remedy`` applies: "randomize" replaces
+    the context of some crops (`randomize_context`, donors = the split's control cells,
+    stream ``(seed, g, 1)``); "mask"/"attenuate" transform every crop (`context_transform`).
     """
     if len(source) == 0:
         raise ValueError("the training split is empty")
     b = local_batch_size(config.batch_size, process_count)
     order = grain.MapDataset.range(len(source)).shuffle(seed=seed % 2**32).repeat(None)
+    donors = None
+    if config.context_remedy == "randomize" and config.randomize_fill != "noise":
+        donors = control_positions(source, config.control_class)
     # Enough positions for 2**40 global batches: endless in practice, finite for grain.
     positions = _local_positions(b * 2**40, config.batch_size, process_index, process_count)
-    return positions.map(_LoadTrain(source, order, config, seed)).batch(b, drop_remainder=True)
+    return positions.map(_LoadTrain(source, order, config, seed, donors)).batch(b, drop_remainder=True)
 
 
 def eval_dataset(source: CellSource, config: DataConfig, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
     """One pass over `source` in order, as this process's part of global batches of
-    ``config.eval_batch_size``; the last global batch is padded with ``valid=False`` rows."""
+    ``config.eval_batch_size``; the last global batch is padded with ``valid=False`` rows.
+    Crops get the remedy's inference transform (`context_transform`), no augmentation."""
     b = local_batch_size(config.eval_batch_size, process_count)
     n_batches = max(1, -(-len(source) // config.eval_batch_size))
     positions = _local_positions(n_batches * b, config.eval_batch_size, process_index, process_count)
