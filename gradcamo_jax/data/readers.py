@@ -478,6 +478,18 @@ def _fixed_selection(ref: ArrayRef) -> tuple[tuple, str]:
     return sel, kept
 
 
+def _tiff_series_unsqueezed(tif) -> list[tuple[str, tuple[int, ...]]]:
+    """(axes, shape) of each series of an open tifffile.TiffFile, length-1 axes kept, in tif.series order.
+
+    Compat: tifffile up to 2026.3 gives these as TiffPageSeries.get_axes/get_shape(False); later releases (e.g.
+    2026.11, which a fresh Python 3.12 install picks) removed those and return the unsqueezed series from calling
+    tif.series(squeeze=False) instead. Both are supported because CI and the GPU image may carry either.
+    """
+    if callable(tif.series):
+        return [(s.axes, tuple(s.shape)) for s in tif.series(squeeze=False)]
+    return [(s.get_axes(False), tuple(s.get_shape(False))) for s in tif.series]
+
+
 def _read_array_site(site: Site) -> np.ndarray:
     ref = site.array
     assert ref is not None
@@ -494,7 +506,7 @@ def _read_array_site(site: Site) -> np.ndarray:
         try:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[int(ref.key)]
-                axes, shape = series.get_axes(False), tuple(series.get_shape(False))
+                axes, shape = _tiff_series_unsqueezed(tif)[int(ref.key)]
                 if axes != ref.axes or shape != ref.shape:
                     raise LookupError(changed.format(axes=axes, shape=shape, want_axes=ref.axes, want_shape=ref.shape))
                 data = series.asarray().reshape(shape)[sel]
@@ -1100,7 +1112,7 @@ def _scan_ome_tiff(src: Path, o: _Options) -> _Scan:
         try:
             with tifffile.TiffFile(f) as tif:
                 xml = tif.ome_metadata
-                series = [(s.get_axes(False), tuple(s.get_shape(False))) for s in tif.series]
+                series = _tiff_series_unsqueezed(tif)
         except Exception as e:
             scan.problems.append(f"{f}: not a readable TIFF ({type(e).__name__}: {e}); re-copy or re-export it")
             continue
