@@ -195,7 +195,7 @@ def test_failing_sub_check_leaves_the_section_partial(tmp_path, monkeypatch):
 def test_highest_precision_switches_both_frameworks_and_restores():
     import jax
     import jax.numpy as jnp
-    import torch
+    torch = pytest.importorskip("torch")
 
     before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     x = jnp.ones((4, 4))
