@@ -189,13 +189,17 @@ def map_of(cells: pd.DataFrame, feats: np.ndarray, null_size: int, seed: int = 0
 
 def null_map(work: Path, seed: int, config: Config) -> dict:
     """What mAP random profiles get on the clean plate (same wells, cells and copairs settings;
-    standard-normal features of the "top" width): the level a model's mAP must beat."""
+    standard-normal features of the "top" width, 5 draws: mean, sd): the level a model's mAP
+    must beat (high with 8 replicate wells against 8 controls)."""
     from gradcamo_jax.data import formats
 
     data = study.plate_dir(work, CLEAN, CLEAN_SEED_OFFSET + seed, config.plate) / "data"
     cells = formats.read_cells(data)
-    feats = np.random.default_rng([seed, 7]).normal(size=(len(cells), 64))
-    return map_of(cells, feats, config.null_size)
+    rng = np.random.default_rng([seed, 7])
+    draws = [map_of(cells, rng.normal(size=(len(cells), 64)), config.null_size) for _ in range(5)]
+    return {"mean_map": study.mean_sd([d["mean_map"] for d in draws])["mean"],
+            "mean_map_sd": study.mean_sd([d["mean_map"] for d in draws])["sd"],
+            "fraction_retrieved": float(np.mean([d["fraction_retrieved"] for d in draws])), "draws": 5}
 
 
 def reliance_and_gradcamo(m: Model, images, masks, donors, key, batch: int) -> pd.DataFrame:
@@ -402,7 +406,7 @@ def table(models: list[dict], cost: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot(df: pd.DataFrame, filters: list[dict], path: Path) -> Path:
+def plot(df: pd.DataFrame, filters: list[dict], path: Path, null: dict | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,15 +414,20 @@ def plot(df: pd.DataFrame, filters: list[dict], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     colours = {"mixture": "#cc6677", "site": "#4477aa"}
-    for ax, key, title in ((axes[0], "clean_accuracy", "accuracy on the clean cell plate"),
+    for ax, key, title in ((axes[0], "clean_accuracy", "accuracy: clean cell plate (●), own test wells (○)"),
                            (axes[1], "clean_mAP", "copairs mAP, clean plate"),
                            (axes[2], "cri_noise", "context-reliance index (test wells)")):
         for k, (plate, g) in enumerate(df.groupby("plate", sort=False)):
             x = np.arange(len(g))
             ax.plot(x + 0.1 * k, g[key], "o", color=colours.get(plate, "k"), label=f"trained on {plate}")
+            if key == "clean_accuracy":
+                ax.plot(x + 0.1 * k, g["test_accuracy"], "o", mfc="none", color=colours.get(plate, "k"))
             ax.set_xticks(x, g["remedy"], fontsize=8, rotation=20)
         if key == "clean_accuracy":
             ax.axhline(1 / 3, color="k", ls=":", lw=1, label="chance")
+        if key == "clean_mAP" and null:
+            nm = [v["mean_map"] for v in null.values()]
+            ax.axhline(float(np.mean(nm)), color="k", ls=":", lw=1, label="random profiles (null)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
     ax = axes[3]
@@ -451,7 +460,7 @@ def write(out: Path, models, filters, cost, config: Config, t0: float, argv, nul
     (out / "remedies.json").write_text(json.dumps(summary, indent=1, default=float))
     df.to_csv(out / "remedies_table.csv", index=False, float_format="%.4f")
     if len(df):
-        plot(df, filters, out / "remedies.png")
+        plot(df, filters, out / "remedies.png", null)
     return summary
 
 
@@ -463,6 +472,7 @@ def main(argv=None) -> dict:
     p.add_argument("--summarize", action="store_true",
                    help="only the cached results (no training, no timing unless cached; step cost else from "
                         "OUT/remedies.json), rewritten with the null mAP")
+    p.add_argument("--timing-only", action="store_true", help="only the step-cost timing (cached), then --summarize")
     args = p.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     config = QUICK if args.quick else Config()
@@ -475,7 +485,9 @@ def main(argv=None) -> dict:
         config = dataclasses.replace(config, time_steps=0)
     out, work, log = study.start(args, "remedies")
     t0 = time.perf_counter()
-    if args.summarize:
+    if args.timing_only:
+        time_steps(work, config.plates[0], config.seeds[0], config, log)
+    if args.summarize or args.timing_only:
         return summarize_cached(out, work, config, t0, argv, log)
     models, filters, cost = [], [], {}
     for seed in config.seeds:
