@@ -176,8 +176,8 @@ def _run_score(args: argparse.Namespace) -> int:
     config = ScoreConfig(layer=args.layer, method=args.method, feature_layers=layers, batch_size=args.batch_size,
                          rows_per_shard=args.rows_per_shard, cam_sample=args.cam_sample,
                          allow_coarse_layer=args.allow_coarse_layer, audit=args.audit)
-    stats = score_dataset(model, variables, args.data, args.out, config, crop_shape=train_cfg.data.crop_shape,
-                          downsample=train_cfg.data.downsample, shard=shard,
+    # The run's DataConfig: its crop, binning and any inference-time context remedy (mask, attenuate).
+    stats = score_dataset(model, variables, args.data, args.out, config, data_config=train_cfg.data, shard=shard,
                           progress=not args.no_progress)
     import jax
 

@@ -148,8 +148,7 @@ def run_plate(signal: str, strength: float, out_dir: Path, config: DemoConfig, p
     model = EfficientNet(dataclasses.replace(trained_cfg.model, dtype="float32"))
     score_cfg = ScoreConfig(layer=config.layer, method=config.method, feature_layers=(config.layer, "top"), batch_size=32,
                             rows_per_shard=1024, cam_sample=config.cam_sample, audit=True)
-    stats = score_dataset(model, variables, data, out_dir / "profiles", score_cfg, crop_shape=trained_cfg.data.crop_shape,
-                          downsample=trained_cfg.data.downsample,
+    stats = score_dataset(model, variables, data, out_dir / "profiles", score_cfg, data_config=trained_cfg.data,
                           progress=progress)
     times["score_s"] = time.perf_counter() - t
 

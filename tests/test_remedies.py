@@ -269,3 +269,12 @@ def test_training_records_the_remedy_and_validates_through_it(tmp_path):
         assert out["step"] == 2
         loaded, _ = load_checkpoint(tmp_path / remedy, "latest")
         assert loaded.data.context_remedy == remedy
+    # `gradcamo score` on the "mask" run scores through the run's transform (it used to pass
+    # only the crop shape and binning, so a mask model was scored on unmasked crops).
+    from gradcamo_jax import cli
+
+    data = make_store(tmp_path / "data")
+    assert cli.main(["score", "--checkpoint", str(tmp_path / "mask"), "--step", "latest", "--data", str(data),
+                     "--out", str(tmp_path / "scored"), "--layer", "stage1", "--batch-size", "4",
+                     "--no-progress"]) == 0
+    assert formats.read_json(tmp_path / "scored" / "manifest.json")["context_remedy"]["remedy"] == "mask"
