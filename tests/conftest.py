@@ -26,6 +26,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -90,6 +91,13 @@ def jax_cache() -> Path:
     """The session's persistent compilation cache, for subprocesses that run the same programs."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     return CACHE_DIR
+
+
+def float64(tree):
+    """`tree` with every leaf a float64 array, converted on the host: op by op, each leaf shape
+    compiled its own conversion (seconds for a model's variables). Needs float64 enabled (`x64`)."""
+    assert jax.config.jax_enable_x64, "float64 needs the x64 fixture"
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tree)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import float64
 
 from gradcamo_jax import CAM_METHODS, EfficientNet, ModelConfig, explain, grad_cam, gradcamo, upsample
 from gradcamo_jax.cam import cam_from_gradients
@@ -83,7 +84,7 @@ def test_channel_weights_match_float64_finite_differences(tiny3d, x64):
     s = tiny3d
     cfg = ModelConfig("tiny", num_classes=4, stem_stride=(1, 2, 2), dtype="float64")
     model = EfficientNet(cfg)
-    v64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), s.variables)
+    v64 = float64(s.variables)
     x = jnp.asarray(s.images[:2], jnp.float64)
     layer = "stage4"
     a = jax.jit(lambda v, x: model.apply(v, x, upto=layer, method="features")[layer])(v64, x)
@@ -100,8 +101,9 @@ def test_channel_weights_match_float64_finite_differences(tiny3d, x64):
         return logits[jnp.arange(a.shape[0]), targets]
 
     basis = jnp.eye(k, dtype=jnp.float64)
-    plus = jax.jit(jax.vmap(lambda e: logit_after(jnp.broadcast_to(eps * e, (a.shape[0], k)))))(basis)
-    minus = jax.jit(jax.vmap(lambda e: logit_after(jnp.broadcast_to(-eps * e, (a.shape[0], k)))))(basis)
+    # One program for both signs (h = ±ε).
+    shifted = jax.jit(jax.vmap(lambda e, h: logit_after(jnp.broadcast_to(h * e, (a.shape[0], k))), in_axes=(0, None)))
+    plus, minus = shifted(basis, eps), shifted(basis, -eps)
     alpha_fd = np.asarray((plus - minus) / (2 * eps * nvox)).T  # (N, K)
     ref = np.maximum(np.einsum("n...k,nk->n...", np.asarray(a), alpha_fd), 0)
     assert out.cam.dtype == jnp.float64
@@ -133,7 +135,7 @@ def test_batched_vjp_equals_per_cell_gradients_in_float64(tiny3d, x64):
 
     s = tiny3d
     model = EfficientNet(ModelConfig("tiny", num_classes=4, stem_stride=(1, 2, 2), dtype="float64"))
-    v64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), s.variables)
+    v64 = float64(s.variables)
     x = jnp.asarray(s.images, jnp.float64)
     targets = jnp.array([3, -1, 0, 2], jnp.int32)
     logits, t, _, _, a, g = jax.jit(lambda v, x, t: layer_gradient(model, v, x, t, "stage3"))(v64, x, targets)
@@ -153,20 +155,22 @@ def test_batched_vjp_equals_per_cell_gradients_in_float64(tiny3d, x64):
         assert float(jnp.abs(g_i).max()) > 0
 
 
+# One `explain` setting for the two tests below, so they share one compiled program.
+ONE_PASS = {"layer": "stage4", "feature_layers": ("stage2", "stage4", "top"), "return_cam": True}
+
+
 def test_default_target_is_the_prediction(tiny3d):
     s = tiny3d
-    out = explain(s.model, s.variables, s.images, s.masks, layer="stage4", return_cam=True)
+    out = explain(s.model, s.variables, s.images, s.masks, **ONE_PASS)
     logits = np.asarray(s.logits(s.variables, jnp.asarray(s.images)))
     np.testing.assert_array_equal(np.asarray(out.targets), logits.argmax(1))
-    explicit = explain(s.model, s.variables, s.images, s.masks, layer="stage4", targets=logits.argmax(1))
+    explicit = explain(s.model, s.variables, s.images, s.masks, targets=logits.argmax(1), **ONE_PASS)
     np.testing.assert_allclose(np.asarray(explicit.scores.cell), np.asarray(out.scores.cell), rtol=1e-6)
 
 
 def test_one_pass_agrees_with_separate_computations(tiny3d):
     s = tiny3d
-    out = explain(
-        s.model, s.variables, s.images, s.masks, layer="stage4", feature_layers=("stage2", "stage4", "top"), return_cam=True
-    )
+    out = explain(s.model, s.variables, s.images, s.masks, **ONE_PASS)
     x = jnp.asarray(s.images)
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(s.logits(s.variables, x)), rtol=1e-5, atol=1e-5)
     feats = s.features(s.variables, x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,11 +106,15 @@ def test_init_is_deterministic_and_train_mode_uses_rngs(tiny3d):
     cfg = tiny3d.config
     a = init(cfg, jax.random.key(3), (7, 24, 20, 3))
     b = init(cfg, jax.random.key(3), (7, 24, 20, 3))
-    assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+    # Compared on the host: op by op, every leaf shape compiled its own comparison.
+    assert all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
     # Two blocks per stage so stochastic depth has residual blocks to drop; head dropout on.
     cfg = ModelConfig("tiny", num_classes=4, stem_stride=(1, 2, 2), depth_mult=0.5, dropout_rate=0.5)
     model = EfficientNet(cfg)
-    variables = init(cfg, jax.random.key(3), (7, 24, 20, 3))
+    # Its variables, initialised through XLA's native convolutions: the same values (parameters
+    # are drawn before a conv picks its formulation), and init's forward compiles in a fifth
+    # of the time of the engineered convolutions' (measured: 1.9 s vs 10.5 s CPU).
+    variables = init(dataclasses.replace(cfg, conv_impl="xla"), jax.random.key(3), (7, 24, 20, 3))
     x = jnp.asarray(tiny3d.images)
     run = jax.jit(
         lambda v, x, r: model.apply(v, x, train=True, rngs={"dropout": r}, mutable=["batch_stats"])
@@ -116,7 +122,8 @@ def test_init_is_deterministic_and_train_mode_uses_rngs(tiny3d):
     (l1, s1), (l2, _), (l3, _) = (run(variables, x, jax.random.key(k)) for k in (0, 0, 1))
     np.testing.assert_array_equal(np.asarray(l1), np.asarray(l2))
     assert not np.allclose(np.asarray(l1), np.asarray(l3))  # dropout / stochastic depth follow the rng
-    moved = jax.tree.map(lambda new, old: float(jnp.abs(new - old).max()), s1["batch_stats"], variables["batch_stats"])
+    moved = jax.tree.map(lambda new, old: float(np.abs(np.asarray(new) - np.asarray(old)).max()), s1["batch_stats"],
+                         variables["batch_stats"])
     assert min(jax.tree.leaves(moved)) > 0  # every BatchNorm updated its running statistics
 
 
@@ -124,7 +131,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tiny3d):
     cfg = ModelConfig("tiny", num_classes=4, stem_stride=(1, 2, 2), dtype="bfloat16")
     model = EfficientNet(cfg)
     logits = jax.jit(model.apply)(tiny3d.variables, jnp.asarray(tiny3d.images))
-    ref = jax.jit(tiny3d.model.apply)(tiny3d.variables, jnp.asarray(tiny3d.images))
+    ref = tiny3d.logits(tiny3d.variables, jnp.asarray(tiny3d.images))  # the session's compiled float32 forward
     assert logits.dtype == jnp.float32
     assert jax.tree.leaves(tiny3d.variables["params"])[0].dtype == jnp.float32
     # bf16 keeps ~3 significant digits per op; after ~20 ops a few percent of the logit scale.

@@ -4,6 +4,7 @@ columns, CAM audit volumes, resume after a real kill -9 without duplicated or dr
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -63,23 +64,50 @@ def model_and_variables(seed: int = 0):
     return model, v
 
 
+def load_model(path) -> tuple[EfficientNet, dict]:
+    """The subprocess workers' model: `CONFIG` with the test process's variables (`model_file`),
+    so a worker compiles only the programs its check is about."""
+    with open(path, "rb") as f:
+        return EfficientNet(CONFIG), pickle.load(f)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """`model_and_variables()` as host arrays, for the subprocess workers (`load_model`)."""
+    path = tmp_path_factory.mktemp("model") / "variables.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(jax.device_get(model_and_variables()[1]), f)
+    return path
+
+
+# One configuration for the profiles that other runs are compared with.
+SCORED = ScoreConfig(layer="stage2", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
+
+
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     base = tmp_path_factory.mktemp("score")
     data = make_dataset(base / "data")
     model, v = model_and_variables()
-    cfg = ScoreConfig(layer="stage2", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
-    stats = score_dataset(model, v, data, base / "profiles", cfg, progress=False)
-    return base, data, model, v, cfg, stats
+    stats = score_dataset(model, v, data, base / "profiles", SCORED, progress=False)
+    return base, data, model, v, SCORED, stats
 
 
-def test_profiles_equal_one_explain_call_on_all_cells(scored):
+@pytest.fixture(scope="module")
+def reference(scored):
+    """One `explain` call on all cells of the scored dataset, with maps."""
+    base, data, model, v, *_ = scored
+    store = formats.open_crops(data)
+    return explain(model, v, store.image[:].astype(np.float32), store.mask[:], layer="stage2",
+                   feature_layers=("stage4", "top"), return_cam=True)
+
+
+def test_profiles_equal_one_explain_call_on_all_cells(scored, reference):
     base, data, model, v, cfg, stats = scored
     assert stats["parts"] == 3 and stats["scored_parts"] == 3
     prof = read_profiles(base / "profiles")
     store = formats.open_crops(data)
-    ref = explain(model, v, store.image[:].astype(np.float32), store.mask[:], layer="stage2",
-                  feature_layers=("stage4", "top"), return_cam=True)
+    ref = reference
     np.testing.assert_array_equal(prof["Metadata_ObjectNumber"], np.arange(1, N + 1))
     np.testing.assert_allclose(prof["Metadata_GradCAMO"], ref.scores.cell, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(prof["Metadata_GradCAMO_Neighbors"], ref.scores.neighbors, rtol=1e-5, atol=1e-6)
@@ -112,14 +140,16 @@ def test_columns_are_pycytominer_style(scored):
     assert len(part) == 16 and part["Metadata_Row"].iloc[0] == 16
 
 
-def test_cam_sample_saved_for_audit(scored):
+def test_cam_sample_saved_for_audit(scored, reference):
+    """The saved float16 maps are `explain`'s maps of the sampled cells (the maps of the one call
+    on all cells: a cell's map does not depend on the others in its batch)."""
     base, data, model, v, cfg, _ = scored
     rows, cams = read_cams(base / "profiles")
     np.testing.assert_array_equal(rows, cam_rows(N, 5))
     store = formats.open_crops(data)
-    ref = explain(model, v, store.image[rows].astype(np.float32), store.mask[rows], layer="stage2", return_cam=True)
-    np.testing.assert_allclose(cams.astype(np.float32), ref.cam, rtol=2e-3, atol=2e-3 * float(np.max(ref.cam)))
-    np.testing.assert_allclose(gradcamo(cams.astype(np.float32), store.mask[rows]).cell, ref.scores.cell, atol=2e-3)
+    ref_cam, ref_cell = np.asarray(reference.cam)[rows], np.asarray(reference.scores.cell)[rows]
+    np.testing.assert_allclose(cams.astype(np.float32), ref_cam, rtol=2e-3, atol=2e-3 * float(np.max(ref_cam)))
+    np.testing.assert_allclose(gradcamo(cams.astype(np.float32), store.mask[rows]).cell, ref_cell, atol=2e-3)
 
 
 def test_rerun_with_other_settings_refuses(scored):
@@ -141,35 +171,44 @@ def test_nan_crop_names_the_cell(tmp_path):
         score_dataset(model, v, data, tmp_path / "p", ScoreConfig(layer="stage2", batch_size=4), progress=False)
 
 
-WORKER = textwrap.dedent(
+# The resumable run: parts of 4 cells, so a kill lands between and inside parts.
+RESUME = ScoreConfig(layer="stage2", batch_size=4, rows_per_shard=4)
+
+KILLED_WORKER = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {tests!r})
     import test_scoring as t
-    from gradcamo_jax.scoring import ScoreConfig, score_dataset
-    model, v = t.model_and_variables()
-    cfg = ScoreConfig(layer="stage2", batch_size=4, rows_per_shard=4)
-    slow = len(sys.argv) > 2
-    if slow:  # make each part take a while so the parent can kill us between and inside parts
-        import gradcamo_jax.scoring as p
-        orig = p.score_part
-        def score_part(*a, **k):
-            time.sleep(0.4)
-            return orig(*a, **k)
-        p.score_part = score_part
-    score_dataset(model, v, {data!r}, sys.argv[1], cfg, progress=False)
+    import gradcamo_jax.scoring as p
+    model, v = t.load_model({model!r})
+    orig = p.score_part
+    def score_part(*a, **k):  # each part takes a while, so the parent can kill us between and inside parts
+        time.sleep(0.4)
+        return orig(*a, **k)
+    p.score_part = score_part
+    p.score_dataset(model, v, {data!r}, sys.argv[1], t.RESUME, progress=False)
     """
 )
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """The workers' environment: this session's compile settings and compilation cache, on the CPU."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", **extra}
+
+
 @pytest.mark.slow
-def test_resume_after_kill_neither_duplicates_nor_drops(tmp_path):
+def test_resume_after_kill_neither_duplicates_nor_drops(tmp_path, model_file):
+    """A run killed (-9) mid-way and resumed holds each cell once and equals an uninterrupted
+    run. Only the killed run needs its own process; the uninterrupted run (first, so the killed
+    worker finds its compiled programs in the persistent cache) and the resume run here."""
     data = make_dataset(tmp_path / "data")
+    model, v = load_model(model_file)
+    clean = tmp_path / "clean"
+    score_dataset(model, v, data, clean, RESUME, progress=False)
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(ROOT / "tests"), data=str(data)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    script.write_text(KILLED_WORKER.format(tests=str(ROOT / "tests"), model=str(model_file), data=str(data)))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(killed), "slow"], env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=_env())
     deadline = time.time() + 300
     while time.time() < deadline and len(list(killed.glob("part-*.parquet"))) < 3:
         time.sleep(0.05)
@@ -177,9 +216,8 @@ def test_resume_after_kill_neither_duplicates_nor_drops(tmp_path):
     proc.wait()
     done_before = len(list(killed.glob("part-*.parquet")))
     assert 3 <= done_before < 10, "the kill must land in the middle of the run"
-    subprocess.run([sys.executable, str(script), str(killed)], env=env, check=True, timeout=300)
-    clean = tmp_path / "clean"
-    subprocess.run([sys.executable, str(script), str(clean)], env=env, check=True, timeout=300)
+    stats = score_dataset(model, v, data, killed, RESUME, progress=False)
+    assert stats["skipped_parts"] == done_before and stats["scored_parts"] == 10 - done_before
     a, b = read_profiles(killed), read_profiles(clean)
     assert len(a) == N
     assert not a.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber"]).any()
@@ -188,7 +226,7 @@ def test_resume_after_kill_neither_duplicates_nor_drops(tmp_path):
 
 
 @pytest.mark.slow
-def test_eight_devices_give_the_same_profiles(tmp_path, scored):
+def test_eight_devices_give_the_same_profiles(tmp_path, scored, model_file):
     base, *_ = scored
     script = tmp_path / "w8.py"
     script.write_text(textwrap.dedent(
@@ -198,13 +236,13 @@ def test_eight_devices_give_the_same_profiles(tmp_path, scored):
         import jax
         assert jax.local_device_count() == 8, jax.devices()
         import test_scoring as t
-        from gradcamo_jax.scoring import ScoreConfig, score_dataset
-        model, v = t.model_and_variables()
-        cfg = ScoreConfig(layer="stage2", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
-        score_dataset(model, v, {str(base / 'data')!r}, {str(tmp_path / 'p8')!r}, cfg, progress=False)
+        from gradcamo_jax.scoring import score_dataset
+        model, v = t.load_model({str(model_file)!r})
+        score_dataset(model, v, {str(base / 'data')!r}, {str(tmp_path / 'p8')!r}, t.SCORED, progress=False)
         """
     ))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    # This session's compile settings (XLA's default optimisation compiles several times slower).
+    env = _env(XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
     subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=300)
     a, b = read_profiles(tmp_path / "p8"), read_profiles(base / "profiles")
     # float32 rounding differs with the per-device batch (seen: 1.1e-6 on a feature of -0.012, in
@@ -253,16 +291,15 @@ DISTRIBUTED_WORKER = textwrap.dedent(
     import jax
     assert jax.process_count() == 2
     import test_scoring as t
-    from gradcamo_jax.scoring import ScoreConfig, score_dataset
-    model, v = t.model_and_variables()
-    cfg = ScoreConfig(layer="stage2", feature_layers=("stage4", "top"), batch_size=8, rows_per_shard=16, cam_sample=5)
-    print(score_dataset(model, v, {data!r}, {out!r}, cfg, progress=False))
+    from gradcamo_jax.scoring import score_dataset
+    model, v = t.load_model({model!r})
+    print(score_dataset(model, v, {data!r}, {out!r}, t.SCORED, progress=False))
     """
 )
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_profiles(scored, tmp_path):
+def test_two_processes_give_the_one_process_profiles(scored, tmp_path, model_file):
     """Two `jax.distributed` processes (gloo on 127.0.0.1) split the parts; the merged result is
     the single process's, cell for cell."""
     import socket
@@ -270,11 +307,12 @@ def test_two_processes_give_the_one_process_profiles(scored, tmp_path):
     base, data, *_ = scored
     out = tmp_path / "two"
     script = tmp_path / "dist.py"
-    script.write_text(DISTRIBUTED_WORKER.format(tests=str(ROOT / "tests"), data=str(data), out=str(out)))
+    script.write_text(DISTRIBUTED_WORKER.format(tests=str(ROOT / "tests"), model=str(model_file), data=str(data),
+                                                out=str(out)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = _env()
     procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -314,26 +352,29 @@ def test_auto_layer_and_coarse_layer_guard(tmp_path):
 
 def test_audit_columns_equal_the_audit_library_per_cell(tmp_path):
     """`--audit` columns: the same numbers as `audit.model_reliance` and `audit.random_baseline`
-    on the whole array (cell keys folded with the row, so batching does not change them)."""
+    on the whole array (cell keys folded with the row, so batching does not change them).
+    8 cells in batches of 3 (the last one padded); 8, so the random model's BatchNorm
+    calibration on the first crops reuses `model_and_variables`' compiled calibration."""
     from gradcamo_jax import audit
 
-    data = make_dataset(tmp_path / "data", n=10)
+    n = 8
+    data = make_dataset(tmp_path / "data", n=n)
     model, v = model_and_variables()
-    cfg = ScoreConfig(layer="stage1", batch_size=4, rows_per_shard=16, audit=True, audit_fills=("noise", "mean"))
+    cfg = ScoreConfig(layer="stage1", batch_size=3, rows_per_shard=16, audit=True, audit_fills=("noise", "mean"))
     score_dataset(model, v, data, tmp_path / "p", cfg, progress=False)
     prof = read_profiles(tmp_path / "p")
     store = formats.open_crops(data)
     images, masks = store.image[:].astype(np.float32), store.mask[:]
     settings = audit.RelianceSettings(fills=("noise", "mean"))
     base = jax.random.key(0)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(np.arange(10))
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(np.arange(n))
     ref = audit.model_reliance(model, v, images, masks, key=keys, settings=settings)
     for region in ("background", "neighbors", "cell", "context"):
         for fill in ("noise", "mean"):
             col = f"Metadata_Audit_Drop_{region.capitalize()}_{fill.capitalize()}"
             np.testing.assert_allclose(prof[col], ref.drop(region, fill), rtol=1e-4, atol=1e-5, err_msg=col)
     np.testing.assert_allclose(prof["Metadata_Audit_ContextReliance"], ref.cri, rtol=1e-4, atol=1e-5)
-    rv = audit.randomized_variables(CONFIG, jax.random.key(0), images[:10])
+    rv = audit.randomized_variables(CONFIG, jax.random.key(0), images[:n])
     rb = audit.random_baseline(model, v, images, masks, random_variables=rv, layer="stage1")
     np.testing.assert_allclose(prof["Metadata_GradCAMO_Random"], rb.gradcamo_random, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(prof["Metadata_GradCAMO_Corrected"], rb.corrected, rtol=1e-4, atol=1e-5)

@@ -1,10 +1,16 @@
 """tools/segment.py: metric, end-cap merging, channel/shard/model plumbing, and the Cellpose run end to end.
 
 The Cellpose model used here is built offline (tools/cellpose_offline.py: an untrained CPnet
-trained briefly on synthetic slices), once per machine: it is cached under pytest's cache folder
+trained briefly on synthetic slices, with the tool's default recipe, whose held-out quality
+`test_offline_model_recipe` checks), once per machine: it is cached under pytest's cache folder
 (.pytest_cache/d/cellpose-offline/, keyed by a hash of the recipe and the cellpose/torch
-versions), so a fresh clone (CI) trains it once per run. Only cellpose 3.1 is tested here; the
-cellpose-4 code path (no `channels` argument, cpsam) is untested.
+versions), so a fresh clone (CI) trains it once per run (about a minute of one core). Every test
+here that needs a model shares that one. Only cellpose 3.1 is tested here; the cellpose-4 code
+path (no `channels` argument, cpsam) is untested.
+
+Torch runs on one thread here (`THREADS`): the suite runs in two pytest-xdist processes on two
+cores, and two torch threads per process oversubscribe them; on a loaded machine a training step
+then cost 6x the CPU time of a one-thread step (OpenMP threads spin while they wait).
 """
 
 from __future__ import annotations
@@ -270,7 +276,22 @@ offline = segment.load_offline_module()  # imports cellpose lazily
 
 from gradcamo_jax.data import synthetic  # noqa: E402
 
-RUN_ARGS = ["--cyto", "AGP", "--nucleus", "DNA", "--threads", "2"]
+THREADS = 1
+RUN_ARGS = ["--cyto", "AGP", "--nucleus", "DNA", "--threads", str(THREADS)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads():
+    """segment.run and the offline trainer set torch's (process-wide) thread count; give the
+    tests that run after this module in the same process their thread count back."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -282,7 +303,7 @@ def offline_model(request, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         # Nothing may land under the home folder, even if cellpose decided to look there.
         mp.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path_factory.mktemp("cellpose-models")))
-        return offline.cached_offline_model(folder, offline.OfflineRecipe(), threads=2)
+        return offline.cached_offline_model(folder, offline.OfflineRecipe(), threads=THREADS)
 
 
 def plate_config(**kw) -> synthetic.SynthConfig:
@@ -460,7 +481,7 @@ def test_train_offline_cli_writes_model_and_sidecar(tmp_path, capsys):
     """The CLI path of the offline builder (0 epochs: an untrained net, to test the plumbing only)."""
     pytest.importorskip("cellpose")
     out = tmp_path / "m" / "offline_model"
-    assert segment.main(["train-offline", "--out", str(out), "--epochs", "0", "--threads", "2"]) == 0
+    assert segment.main(["train-offline", "--out", str(out), "--epochs", "0", "--threads", str(THREADS)]) == 0
     meta = offline.read_offline_meta(out)
     assert meta["recipe"]["n_epochs"] == 0 and meta["bytes"] == out.stat().st_size > 20e6
     assert 0.0 <= meta["ap50_heldout"] <= 1.0 and '"ap50_heldout"' in capsys.readouterr().out
@@ -469,11 +490,14 @@ def test_train_offline_cli_writes_model_and_sidecar(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_do_3d_mode_runs_and_writes_valid_labels(offline_model, tmp_path):
-    """--do-3d: Cellpose's 3D mode (flows from YX, ZY and ZX views); no stitching, so no end caps."""
-    pm = synthetic.write_plate(plate_config(doses=(40.0,), empty_sites=0, seed=11), tmp_path / "plate")
+    """--do-3d: Cellpose's 3D mode (flows from YX, ZY and ZX views); no stitching, so no end caps.
+
+    Smaller fields than `plate_config`'s (5 x 48 x 48, anisotropy 2): the network runs on every
+    slice of all three views of the z-upsampled volume, ~5 s of CPU per site here instead of 13."""
+    pm = synthetic.write_plate(plate_config(doses=(40.0,), empty_sites=0, seed=11, field_shape=(5, 48, 48)), tmp_path / "plate")
     out = tmp_path / "seg"
     rc = segment.main(["run", "--plate-map", str(pm), "--out", str(out), "--model", str(offline_model),
-                       *RUN_ARGS, "--do-3d", "--anisotropy", "4"])
+                       *RUN_ARGS, "--do-3d", "--anisotropy", "2"])
     assert rc == 0
     summary = pd.read_csv(out / "summary.csv")
     assert (summary.n_end_caps_merged == 0).all() and (summary.status == "ok").all()
