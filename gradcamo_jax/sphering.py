@@ -19,6 +19,15 @@ first divide each feature by its control standard deviation (whitening the corre
 matrix). ``μ`` is subtracted from every cell, treated or not, before the rotation: the
 centring that pycytominer's Spherize once got wrong (its issue #747).
 
+pycytominer ≥ 1.7.1 (``normalize(method="spherize", spherize_method="ZCA-cor")``, fitted on
+the same controls) computes the same ZCA-cor transform at ``ε = 0`` (tests/test_pycytominer.py).
+Two conventions differ. Its ``ε`` is added to the singular values ``s`` of the standardised
+control matrix (scale ``√(n−1)/(s + ε)``), ours to the eigenvalues (``1/√(λ + ε)``), so an
+equal non-zero ``ε`` shrinks the direction of eigenvalue ``λ`` by ≈ ``ε/√(nλ)`` there and by
+≈ ``ε/(2λ)`` here. With fewer controls than features it whitens the directions the controls
+do not span by the smallest non-zero singular value, where ``r`` drops them: there only the
+controls' outputs agree.
+
 Features that are (near) constant over the controls (standard deviation ≤ ``min_std``
 times the largest one, or non-finite) cannot be whitened and are dropped first; the
 fitted `Sphering` records which.
