@@ -53,9 +53,17 @@ def assert_sites(df: pd.DataFrame, report: readers.ImportReport, plate: str, nz:
 # ----------------------------------------------------------------------------- layout writers
 
 
-def make_loaddata(tmp: Path, nz: int = 3, frames: bool = False, plate: str = "BR001") -> tuple[Path, Path]:
-    """A Cell Painting Gallery plate: images/, load_data.csv, barcode_platemap.csv → platemap/PM1.txt."""
+def make_loaddata(tmp: Path, nz: int = 3, frames: bool = False, plate: str = "BR001",
+                  illum: np.ndarray | None = None) -> tuple[Path, Path]:
+    """A Cell Painting Gallery plate: images/, load_data_with_illum.csv-style load_data.csv (FileName_Illum<Ch>
+    → illum/<plate>_Illum<Ch>.npy), barcode_platemap.csv → platemap/PM1.txt.
+
+    ``illum``: (C, Y, X) illumination functions written for the five channels; default all ones, so
+    the corrected pixels are the written ones exactly."""
     images = tmp / "images" / plate
+    (tmp / "illum").mkdir(parents=True, exist_ok=True)
+    for c, ch in enumerate(CH):
+        np.save(tmp / "illum" / f"{plate}_Illum{ch}.npy", np.ones((SIZE, SIZE)) if illum is None else illum[c])
     rows = []
     for well in WELLS:
         for site in SITES:
@@ -241,7 +249,8 @@ def test_loaddata_gallery_3d(tmp_path):
     assert report.planes == {3: 4} and report.treatment_columns == [("broad_sample", "mmoles_per_liter")]
     assert any("C03" in w and "no images" in w for w in report.warnings)
     assert any("OrigBrightfield" in w for w in report.warnings)
-    assert any("Illum" in n for n in report.notes)
+    # The CSV's FileName_Illum<Ch> columns are applied (all-ones functions here, so the pixels are unchanged).
+    assert report.illum == {c: [str(tmp_path / "illum" / f"BR001_Illum{c}.npy")] for c in CH}
     # The written plate map passes formats' own validation (FileName_Image exists, relative to the map).
     pm = formats.read_plate_map(out)
     assert len(pm) == 4 and all(p.endswith(readers.SITE_SUFFIX) for p in pm["FileName_Image"])
@@ -530,6 +539,146 @@ def test_well_names_and_channel_table():
     m = readers.match_channels(["DAPI (405)", "ConA-488", "Alexa 568", "OrigRNA", "MitoTracker Orange"],
                                channel_map={"ER": "ConA-488", "AGP": "Alexa 568"})
     assert not m.problems and m.unused == ()
+
+
+# ----------------------------------------------------------------------------- illumination correction
+
+
+def illum_fields(nc: int = 5) -> np.ndarray:
+    """(C, Y, X) float64 multiplicative fields, as CellProfiler saves them: a vignetting bowl and a tilt,
+    different per channel, all in (0, 1.5)."""
+    y, x = (np.mgrid[:SIZE, :SIZE] / (SIZE - 1) - 0.5)
+    fields = np.stack([1.0 - 0.8 * (1 + 0.1 * c) * (y**2 + x**2) + 0.1 * (c + 1) * x for c in range(nc)])
+    assert 0 < fields.min() and fields.max() < 1.5
+    return fields
+
+
+def write_illum(folder: Path, plate: str, fields: dict[str, np.ndarray]) -> Path:
+    """The Gallery's illum/<plate>/<plate>_Illum<Ch>.npy; returns the illum/ folder."""
+    (folder / plate).mkdir(parents=True, exist_ok=True)
+    for ch, f in fields.items():
+        np.save(folder / plate / f"{plate}_Illum{ch}.npy", f)
+    return folder
+
+
+def corrected(raw: np.ndarray, fields: np.ndarray) -> np.ndarray:
+    """raw (Z, C, Y, X) / fields (C, Y, X), in float32 as read_site computes it."""
+    return raw.astype(np.float32) / fields.astype(np.float32)[None]
+
+
+def test_illum_folder_divides_every_channel_and_plane(tmp_path, capsys):
+    """A 3D Harmony plate + a Gallery-style illum/ folder (Cell Painting channel names matched to the
+    Harmony stain names by the channel table), through the CLI: every site reads back as raw / illum."""
+    src = make_phenix(tmp_path)
+    fields = illum_fields()
+    illum = write_illum(tmp_path / "illum", "P2", {ch: fields[c] for c, ch in enumerate(CH)}
+                        | {"Brightfield": np.ones((SIZE, SIZE))})  # not an output channel: unused
+    readers._load_illum_cached.cache_clear()
+    parser = argparse.ArgumentParser()
+    readers.add_import_arguments(parser)
+    out = tmp_path / "run" / "plate_map.csv"
+    assert readers.run_import(parser.parse_args([str(src), "--layout", "phenix", "--out", str(out),
+                                                 "--illum", str(illum)])) == 0
+    assert "illumination correction: DNA ← P2_IllumDNA.npy" in capsys.readouterr().out
+    df = formats.read_plate_map(out)
+    for row in df.itertuples():
+        got = formats.read_stack(row.FileName_Image, channels=CH)  # crop and segment read this way
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, corrected(pixels("P2", row.Metadata_Well, row.Metadata_Site), fields))
+        doc = formats.read_json(row.FileName_Image)
+        assert doc["version"] == 2 and doc["illum"] == [str(illum / "P2" / f"P2_Illum{ch}.npy") for ch in CH]
+    # Each function was read once for the plate's 4 sites.
+    info = readers._load_illum_cached.cache_info()
+    assert (info.misses, info.hits) == (5, 15)
+
+
+def test_illum_loaddata_columns(tmp_path):
+    """A 2D Gallery plate whose load_data.csv names the illumination functions (FileName_Illum<Ch>)."""
+    fields = illum_fields()
+    csv, barcode = make_loaddata(tmp_path, nz=1, illum=fields)
+    df, report = readers.import_plate("loaddata", csv, platemap=barcode)
+    for row, site in zip(df.itertuples(), report.sites):
+        want = corrected(pixels("BR001", row.Metadata_Well, row.Metadata_Site, 1), fields)
+        np.testing.assert_array_equal(readers.read_site(site), want)
+    # --illum none reads the raw pixels, says so, and writes descriptors older readers can read.
+    df, report = readers.import_plate("loaddata", csv, platemap=barcode, illum="none")
+    assert_sites(df, report, "BR001", 1)
+    assert any("--illum none" in n for n in report.notes) and not any(s.illum for s in report.sites)
+    assert report.sites[0].to_dict()["version"] == 1 and "illum" not in report.sites[0].to_dict()
+    # A site whose FileName_Illum cells are empty while the others have functions: named, not read raw.
+    table = pd.read_csv(csv)
+    blank = (table.Metadata_Well == "B02") & (table.Metadata_Site == 2)
+    table.loc[blank, [f"FileName_Illum{ch}" for ch in CH]] = ""
+    table.to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(readers.LayoutError, match=r"plate BR001: 1 site\(s\) \(B02 s2\) have no illumination functions "
+                                                  r"\(others do\) in the FileName_Illum<Ch> columns"):
+        readers.import_plate("loaddata", tmp_path / "blank.csv", platemap=barcode)
+    # A function the CSV names but that is gone: named at import, before any pixel is read.
+    (tmp_path / "illum" / "BR001_IllumRNA.npy").unlink()
+    with pytest.raises(readers.LayoutError, match=r"BR001_IllumRNA\.npy: does not exist; .*--illum none"):
+        readers.import_plate("loaddata", csv, platemap=barcode)
+
+
+def test_illum_errors_name_the_file_and_the_fix(tmp_path):
+    src = make_phenix(tmp_path, nz=1)
+    fields = illum_fields()
+    good = {ch: fields[c] for c, ch in enumerate(CH)}
+    raw = pixels("P2", WELLS[0], SITES[0], 1)
+
+    # A channel without a function: refused, naming it and the opt-out; --illum-skip reads it uncorrected.
+    no_mito = write_illum(tmp_path / "no_mito", "P2", {ch: f for ch, f in good.items() if ch != "Mito"})
+    with pytest.raises(readers.LayoutError) as e:
+        readers.import_plate("phenix", src, illum=no_mito)
+    msg = str(e.value)
+    assert "plate P2: 4 site(s)" in msg and "output channel(s) ['Mito']" in msg and "--illum-skip Mito" in msg
+    _, report = readers.import_plate("phenix", src, illum=no_mito, illum_skip=["Mito"])
+    want = corrected(raw, np.concatenate([fields[:4], np.ones((1, SIZE, SIZE))]))
+    np.testing.assert_array_equal(readers.read_site(report.sites[0]), want)
+    assert report.illum["Mito"] == [] and any("--illum-skip" in w for w in report.warnings)
+
+    # Not the images' Y×X: found at import from the image header.
+    small = write_illum(tmp_path / "small", "P2", good | {"DNA": np.ones((8, 8))})
+    with pytest.raises(readers.LayoutError, match=r"P2_IllumDNA\.npy: has shape \(Y, X\) = \(8, 8\) but the images "
+                                                  r"of site P2 A01 s1 are \(16, 16\)"):
+        readers.import_plate("phenix", src, illum=small)
+    # ... or when a function is replaced after the import: found when the site is read.
+    ok = write_illum(tmp_path / "ok", "P2", good)
+    _, report = readers.import_plate("phenix", src, illum=ok)
+    np.save(ok / "P2" / "P2_IllumER.npy", np.ones((8, 16)))
+    with pytest.raises(ValueError, match=r"site P2 A01 s1: illumination function .*P2_IllumER\.npy has shape "
+                                         r"\(Y, X\) = \(8, 16\) but the image is \(16, 16\);.*--illum none"):
+        readers.read_site(report.sites[0])
+
+    # Non-finite or non-positive values: found when the function is first read, before the image is.
+    for name, value, text in (("nan", np.nan, r"1 non-finite value\(s\) \(NaN/inf\), the first at \(y, x\) = \(2, 3\)"),
+                              ("zero", 0.0, r"1 value\(s\) ≤ 0 \(min 0, the first at \(y, x\) = \(2, 3\)\)")):
+        bad = fields[2].copy()
+        bad[2, 3] = value
+        folder = write_illum(tmp_path / name, "P2", good | {"RNA": bad})
+        _, report = readers.import_plate("phenix", src, illum=folder)
+        with pytest.raises(ValueError, match=re.escape(str(folder / "P2" / "P2_IllumRNA.npy")) + ": " + text
+                           + ".*CorrectIlluminationCalculate.*--illum none"):
+            readers.read_site(report.sites[0])
+
+    # A folder without the plate's functions, and a skipped channel that does not exist.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(readers.LayoutError) as e:
+        readers.import_plate("phenix", src, illum=tmp_path / "empty", illum_skip=["Nuclei"])
+    assert "plate P2: no illumination functions" in str(e.value) and "P2_Illum<Ch>.npy" in str(e.value)
+    assert "--illum-skip Nuclei: not output channel(s)" in str(e.value)
+
+
+def test_correct_illumination_divides_in_place():
+    stack = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(2, 2, 3, 4) + 1
+    field = np.full((3, 4), 2.0)
+    out = readers.correct_illumination(stack, [field, None])
+    assert out is stack  # in place: no second copy of a large 3D site
+    np.testing.assert_array_equal(out[:, 0], (np.arange(48, dtype=np.float32).reshape(2, 2, 3, 4)[:, 0] + 1) / 2)
+    np.testing.assert_array_equal(out[:, 1], np.arange(48, dtype=np.float32).reshape(2, 2, 3, 4)[:, 1] + 1)
+    with pytest.raises(ValueError, match=r"f\.npy has shape \(Y, X\) = \(4, 3\) but the image is \(3, 4\)"):
+        readers.correct_illumination(stack, [np.ones((4, 3)), None], ["f.npy", "g.npy"])
+    assert readers.illum_problem(np.ones((2, 3, 4))) == "expected a 2-D (Y, X) array, got shape (2, 3, 4)"
+    assert readers.illum_problem(np.ones((3, 4))) is None
 
 
 # ----------------------------------------------------------------------------- command line

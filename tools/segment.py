@@ -19,6 +19,12 @@ Outputs under ``--out``:
   segment_config.json            the settings; a rerun with other settings into the same folder
                                  is refused (mixing would make the labels inconsistent)
 
+Physical sizes: when the plate map has the sites' voxel size (Metadata_PhysicalSizeZ/Y/X in µm, as
+``gradcamo import`` writes them), ``--do-3d`` without ``--anisotropy`` uses Z / XY, and
+``--diameter-um`` gives the cell diameter in µm (converted with the XY pixel size); sizes that
+differ between sites are refused, naming them (`resolve_physical_settings`). The values used are
+recorded in segment_config.json and summary.json.
+
 Models: a Cellpose built-in name (cellpose 3: cyto3, nuclei, cyto2, ...; cellpose 4: cpsam) whose
 weights must already be in ``$CELLPOSE_LOCAL_MODELS_PATH`` (default ``~/.cellpose/models``) --
 nothing is ever downloaded; if they are missing the run stops before reading any image and says
@@ -89,9 +95,11 @@ class SegmentConfig:
       channel_names: names of the stack's channels, in stack order (the C axis).
       axes: axis order of the image files, a permutation of "ZCYX".
       diameter: expected cell diameter in pixels; None uses the model's own (its training mean).
+        Derived from ``diameter_um`` by `resolve_physical_settings` when that is given.
       do_3d: Cellpose 3D mode instead of 2D per slice + stitching.
       stitch_threshold: IoU above which masks in neighbouring slices get the same id (2D mode).
-      anisotropy: z step / xy pixel size, for --do-3d only.
+      anisotropy: z step / xy pixel size, for --do-3d only; None (not given) takes it from the
+        plate map's Metadata_PhysicalSizeZ/X when it has them (`resolve_physical_settings`).
       flow_threshold, cellprob_threshold, min_size: Cellpose's mask settings (min_size in pixels
         per slice before stitching, in voxels after).
       cap_max_slices: a stitched object at most this many slices thick whose end face lies on
@@ -111,6 +119,10 @@ class SegmentConfig:
         (after rescaling to the model's diameter) no larger than the tile runs as one tile of its
         own size; a smaller tile only splits it into more, overlapping tiles, which is slower
         (BENCHMARKS.md, 'Measurements behind code choices', tools/segment.py).
+      diameter_um: expected cell diameter in µm (``--diameter-um``), converted to ``diameter``
+        with the plate map's XY pixel size.
+      voxel_size_um: the plate's (z, y, x) voxel size in µm that `resolve_physical_settings`
+        used (None entries: unknown), recorded so the run says what it assumed.
     """
 
     model: str = "cyto3"
@@ -130,6 +142,8 @@ class SegmentConfig:
     min_contrast: float = 2.0
     batch_size: int = 8
     tile_size: int = 224
+    diameter_um: float | None = None
+    voxel_size_um: tuple[float | None, float | None, float | None] | None = None
 
     def __post_init__(self):
         names = list(self.channel_names)
@@ -142,11 +156,111 @@ class SegmentConfig:
             raise SegmentError(f"stitch_threshold must be in (0, 1], got {self.stitch_threshold}")
         if not 0.0 < self.cap_overlap <= 1.0:
             raise SegmentError(f"cap_overlap must be in (0, 1], got {self.cap_overlap}")
+        if self.diameter_um is not None and not (np.isfinite(self.diameter_um) and self.diameter_um > 0):
+            raise SegmentError(f"--diameter-um must be a positive number, got {self.diameter_um}")
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["channel_names"] = list(self.channel_names)
+        # Recorded only when set: a run without physical sizes writes the same segment_config.json as
+        # before they existed, so resuming such a folder is not refused as "other settings".
+        for name in ("diameter_um", "voxel_size_um"):
+            if d[name] is None:
+                del d[name]
+            elif name == "voxel_size_um":
+                d[name] = list(d[name])
         return d
+
+
+# ----------------------------------------------------------------------------- physical voxel size
+
+VOXEL_COLUMNS = ("Metadata_PhysicalSizeZ", "Metadata_PhysicalSizeY", "Metadata_PhysicalSizeX")
+"""Plate-map columns with each site's voxel size in µm (`gradcamo import` writes them; NaN = unknown)."""
+
+
+def _sig(v: float) -> float:
+    # Sizes are compared at 4 significant digits, as `gradcamo import` groups them (metadata round-trips
+    # through µm/m conversions and XML text leave tiny differences).
+    return float(f"{v:.4g}")
+
+
+def plate_axis_size(plate_map: pd.DataFrame, column: str) -> float | None:
+    """The one value of a voxel-size column over all sites of ``plate_map`` (µm), None when no site has one.
+
+    Raises:
+      SegmentError: sites with different values, or some sites without one; the message
+        names the sites of each group.
+    """
+    if column not in plate_map.columns:
+        return None
+    values = pd.to_numeric(plate_map[column], errors="coerce").to_numpy(np.float64)
+    known = np.isfinite(values) & (values > 0)
+    if not known.any():
+        return None
+    sids = [formats.site_id(*r) for r in plate_map[list(formats.SITE_KEY)].itertuples(index=False)]
+    groups: dict[float | None, list[str]] = {}
+    for sid, v, k in zip(sids, values, known):
+        groups.setdefault(_sig(v) if k else None, []).append(sid)
+    if len(groups) > 1:
+        text = "; ".join(f"{'unknown' if v is None else f'{v:g} µm'}: {len(g)} site(s) ({', '.join(g[:5])}"
+                         f"{', ...' if len(g) > 5 else ''})" for v, g in sorted(groups.items(), key=lambda kv: -len(kv[1])))
+        raise SegmentError(f"the plate map's {column} differs between sites — {text}; one run needs one voxel size: "
+                           "segment the groups separately (one plate map each), or give --diameter/--anisotropy in "
+                           "pixels")
+    return float(values[known][0])
+
+
+def resolve_physical_settings(cfg: SegmentConfig, plate_map: pd.DataFrame) -> SegmentConfig:
+    """Fill the pixel settings that follow from the plate map's voxel size (`VOXEL_COLUMNS`, µm).
+
+    * ``diameter_um`` → ``diameter = diameter_um / xy`` (pixels), xy the XY pixel size.
+    * ``do_3d`` and no ``anisotropy`` given → ``anisotropy = z / xy`` when both are known
+      (Cellpose's 3D mode rescales Z by it); otherwise left None (Cellpose: isotropic).
+    * ``voxel_size_um`` ← the (z, y, x) of the plate (None where unknown), for the record.
+
+    Sizes are read only where a setting needs them, so a plate map with mixed sizes still
+    runs with settings in pixels; ``voxel_size_um`` holds None for an axis not read or not
+    known. A config whose ``voxel_size_um`` is set was resolved already and is returned as
+    it is (so resolving twice changes nothing; every shard resolves the same config).
+
+    Args:
+      cfg: the user's settings (``diameter`` in pixels or ``diameter_um``, not both).
+      plate_map: one row per site with ``formats.SITE_KEY`` and optionally `VOXEL_COLUMNS`.
+
+    Returns:
+      the resolved config.
+
+    Raises:
+      SegmentError: ``--diameter`` and ``--diameter-um`` both given; ``--diameter-um`` and
+        no XY size in the plate map; sizes that differ between sites (named); non-square
+        pixels (Y ≠ X) where the XY size is needed.
+    """
+    if cfg.voxel_size_um is not None:
+        return cfg
+    need_xy = cfg.diameter_um is not None or (cfg.do_3d and cfg.anisotropy is None)
+    z = plate_axis_size(plate_map, VOXEL_COLUMNS[0]) if cfg.do_3d and cfg.anisotropy is None else None
+    y = plate_axis_size(plate_map, VOXEL_COLUMNS[1]) if need_xy else None
+    x = plate_axis_size(plate_map, VOXEL_COLUMNS[2]) if need_xy else None
+    if y is not None and x is not None and _sig(y) != _sig(x):
+        raise SegmentError(f"the plate map's pixels are not square (Y {y:g} µm, X {x:g} µm); Cellpose assumes square "
+                           "pixels: resample the images, or give --diameter/--anisotropy in pixels")
+    xy = x if x is not None else y
+    changes: dict = {}
+    if cfg.diameter_um is not None:
+        if xy is None:
+            raise SegmentError(f"--diameter-um {cfg.diameter_um:g}: the plate map has no XY pixel size "
+                               f"({VOXEL_COLUMNS[1]}/{VOXEL_COLUMNS[2]}); re-import it with --voxel-size Z,Y,X, "
+                               "or give --diameter in pixels")
+        diameter = cfg.diameter_um / xy
+        if cfg.diameter is not None and not np.isclose(cfg.diameter, diameter, rtol=1e-6):
+            raise SegmentError(f"--diameter {cfg.diameter:g} (pixels) and --diameter-um {cfg.diameter_um:g} "
+                               f"(= {diameter:.4g} pixels at {xy:g} µm) both given; give one")
+        changes["diameter"] = diameter
+    if cfg.do_3d and cfg.anisotropy is None and z is not None and xy is not None:
+        changes["anisotropy"] = z / xy
+    if any(v is not None for v in (z, y, x)):
+        changes["voxel_size_um"] = (z, y, x)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 # ----------------------------------------------------------------------------- models
@@ -527,6 +641,14 @@ def run(plate_map: str | os.PathLike, out: str | os.PathLike, cfg: SegmentConfig
         df = formats.read_plate_map(plate_map)
     except (ValueError, FileNotFoundError) as e:
         raise SegmentError(str(e)) from e
+    cfg = resolve_physical_settings(cfg, df)
+    if cfg.voxel_size_um is not None:
+        log.info("voxel size (z, y, x) µm from the plate map: %s -> diameter %s px, anisotropy %s",
+                 cfg.voxel_size_um, "model's" if cfg.diameter is None else f"{cfg.diameter:.4g}",
+                 "-" if cfg.anisotropy is None else f"{cfg.anisotropy:.4g}")
+    if cfg.do_3d and cfg.anisotropy is None:
+        log.warning("--do-3d without --anisotropy, and the plate map lacks the Z or XY voxel size "
+                    "(Metadata_PhysicalSizeZ/X): Cellpose assumes isotropic voxels (anisotropy 1)")
     _check_config(out, cfg, overwrite)
     rows = shards.shard_rows(len(df), shard)
     import torch
@@ -672,9 +794,12 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--channel-names", default=",".join(d.channel_names), help="the stacks' channel names, comma-separated, in order")
     r.add_argument("--axes", default=d.axes, help=f"axis order of the image files [{d.axes}]")
     r.add_argument("--diameter", type=float, default=None, help="cell diameter in pixels [the model's]")
+    r.add_argument("--diameter-um", type=float, default=None,
+                   help="cell diameter in µm, converted with the plate map's XY pixel size (Metadata_PhysicalSizeX)")
     r.add_argument("--do-3d", action="store_true", help="Cellpose 3D mode instead of 2D slices + stitching")
     r.add_argument("--stitch-threshold", type=float, default=d.stitch_threshold, help=f"IoU to stitch slices [{d.stitch_threshold}]")
-    r.add_argument("--anisotropy", type=float, default=None, help="z step / xy pixel size (--do-3d)")
+    r.add_argument("--anisotropy", type=float, default=None,
+                   help="z step / xy pixel size (--do-3d) [from the plate map's Metadata_PhysicalSizeZ/X if present]")
     r.add_argument("--flow-threshold", type=float, default=d.flow_threshold)
     r.add_argument("--cellprob-threshold", type=float, default=d.cellprob_threshold)
     r.add_argument("--min-size", type=int, default=d.min_size)
@@ -719,7 +844,7 @@ def config_from_args(a: argparse.Namespace) -> SegmentConfig:
         diameter=a.diameter, do_3d=a.do_3d, stitch_threshold=a.stitch_threshold, anisotropy=a.anisotropy,
         flow_threshold=a.flow_threshold, cellprob_threshold=a.cellprob_threshold, min_size=a.min_size,
         cap_max_slices=a.cap_max_slices, cap_overlap=a.cap_overlap, min_contrast=a.min_contrast, batch_size=a.batch_size,
-        tile_size=a.tile_size,
+        tile_size=a.tile_size, diameter_um=a.diameter_um,
     )
 
 

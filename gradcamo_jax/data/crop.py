@@ -45,7 +45,12 @@ Cell table columns: every plate-map ``Metadata_*``, ``FileName_Image``,
 ``FileName_Labels``, ``Metadata_SiteId``, ``Metadata_ObjectNumber`` (label id),
 ``Metadata_Centroid_Z/Y/X``, ``Metadata_Volume``, ``Metadata_TouchesBorder``,
 ``Metadata_Padded``, ``Metadata_Class``, ``Metadata_ClassName``, ``Metadata_Split``,
-``Metadata_Row``.
+``Metadata_Row``; and the physical scale (`physical_measures`):
+``Metadata_PhysicalSizeZ/Y/X`` (the site's voxel size in µm, from the plate map as
+``gradcamo import`` writes it), ``Metadata_Centroid_Z/Y/X_um`` and ``Metadata_Volume_um3``.
+These are always present, NaN where the plate map has no size for that axis (a
+synthetic plate, a 2D plate without a Z step), so every cell table has the same columns
+and "unknown" is never a silent 1 µm.
 """
 
 from __future__ import annotations
@@ -183,6 +188,45 @@ def measure_cells(labels: np.ndarray) -> pd.DataFrame:
     })
 
 
+PHYSICAL_SIZE_COLUMNS = ("Metadata_PhysicalSizeZ", "Metadata_PhysicalSizeY", "Metadata_PhysicalSizeX")
+"""Plate-map columns with a site's voxel size (z, y, x) in µm (`gradcamo import` writes them)."""
+
+
+def site_voxel_size(row: dict) -> np.ndarray:
+    """A plate-map row's voxel size as (z, y, x) float64 µm, NaN for an axis that is absent,
+    empty, non-numeric or not > 0 (unknown)."""
+    out = np.full(3, np.nan)
+    for i, col in enumerate(PHYSICAL_SIZE_COLUMNS):
+        try:
+            v = float(row.get(col))
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(v) and v > 0:
+            out[i] = v
+    return out
+
+
+def physical_measures(table: pd.DataFrame, voxel_zyx: np.ndarray) -> pd.DataFrame:
+    """`measure_cells` measurements in µm, one row per row of ``table``.
+
+    Args:
+      table: `measure_cells` output (Metadata_Centroid_Z/Y/X in voxels, Metadata_Volume in voxels).
+      voxel_zyx: (3,) voxel size (z, y, x) in µm, NaN where unknown (`site_voxel_size`).
+
+    Returns:
+      Metadata_PhysicalSizeZ/Y/X (the voxel size, repeated), Metadata_Centroid_Z/Y/X_um
+      (centroid × size: µm from the centre of the field's first voxel), Metadata_Volume_um3
+      (voxels × z·y·x). NaN wherever a size it needs is unknown.
+    """
+    vs = np.asarray(voxel_zyx, np.float64).reshape(3)
+    n = len(table)
+    out = {col: np.full(n, v) for col, v in zip(PHYSICAL_SIZE_COLUMNS, vs)}
+    for a, v in zip("ZYX", vs):
+        out[f"Metadata_Centroid_{a}_um"] = table[f"Metadata_Centroid_{a}"].to_numpy(np.float64) * v
+    out["Metadata_Volume_um3"] = table["Metadata_Volume"].to_numpy(np.float64) * float(np.prod(vs))
+    return pd.DataFrame(out, index=table.index)
+
+
 def crop_starts(centroids: np.ndarray, crop_size, field_shape, center_z: bool = True) -> np.ndarray:
     """First voxel (Z, Y, X) of each crop window, (n, 3) int; may be negative or run past the field."""
     centre = np.floor(np.asarray(centroids, np.float64) + 0.5).astype(np.int64).reshape(-1, 3)
@@ -296,12 +340,13 @@ def process_site(row: dict, parts_dir: str | os.PathLike, config: CropConfig) ->
                 e = min(s + config.write_batch, n)
                 image, mask, padded[s:e] = extract_crops(normed, labels, ids[s:e], starts[s:e], config.crop_size)
                 writer.write(s, image, mask)
-        meta = {k: v for k, v in row.items() if k.startswith("Metadata_")}
+        # The plate map's voxel-size columns come from physical_measures (parsed, NaN when unknown).
+        meta = {k: v for k, v in row.items() if k.startswith("Metadata_") and k not in PHYSICAL_SIZE_COLUMNS}
         cells = pd.DataFrame({**{k: [v] * n for k, v in meta.items()},
                               "FileName_Image": [row["FileName_Image"]] * n,
                               "FileName_Labels": [lpath] * n,
                               "Metadata_SiteId": [sid] * n})
-        cells = pd.concat([cells, table], axis=1)
+        cells = pd.concat([cells, table, physical_measures(table, site_voxel_size(row))], axis=1)
         cells["Metadata_Padded"] = padded
         formats.write_cells(cells, tmp)
         report = {

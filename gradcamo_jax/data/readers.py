@@ -10,7 +10,8 @@ Layouts (``layout=`` here, ``gradcamo import --layout`` on the command line):
   loaddata     CellProfiler LoadData CSV / Cell Painting Gallery ``load_data.csv``: one
                row per site (per site and plane for stacks: `PLANE_COLUMNS`, e.g.
                ``Metadata_Plane``), ``FileName_<Ch>`` + ``PathName_<Ch>`` per channel (one
-               2D TIFF per channel and plane), ``Frame_<Ch>`` for multi-frame files.
+               2D TIFF per channel and plane), ``Frame_<Ch>`` for multi-frame files;
+               ``FileName_Illum<Ch>`` + ``PathName_Illum<Ch>`` name illumination functions.
                SRC is the CSV or a folder searched for ``load_data.csv`` files.
   phenix       Opera Phenix / Operetta Harmony export: ``rXXcYYfZZpWW-chNskTfk1fl1.tiff``
                (row, column, field, plane, channel, timepoint) in SRC or SRC/Images, with
@@ -37,6 +38,14 @@ contract: `formats.read_plate_map` checks that FileName_Image exists, rows pickl
 worker processes as plain strings, and ``formats.read_stack`` only needs to dispatch on
 the ``.site.json`` suffix to `read_site_file` to serve crop and segment unchanged.
 
+Illumination correction: a site may carry one CellProfiler illumination function per
+channel (a (Y, X) ``.npy``; from LoadData's ``FileName_Illum<Ch>`` columns, or from
+``illum=``/``--illum DIR`` in the Gallery's ``<plate>/<plate>_Illum<Ch>.npy`` naming);
+`read_site` divides each channel by it, broadcast over Z, so every later step
+(segmentation, crop normalisation) sees corrected pixels. Each function is read once per
+process (`load_illum`). At import, files, 2-D headers and Y×X are checked; values
+(finite, > 0) when first read.
+
 Channels: output channels are `formats.CHANNELS` (DNA, ER, RNA, AGP, Mito) unless
 ``channels=`` says otherwise, matched to the vendor's channel names by
 `DEFAULT_CHANNEL_ALIASES` (exact names) and `STAIN_KEYWORDS` (stain names inside longer
@@ -50,6 +59,9 @@ Public API (axis orders are part of the contract):
       listing every problem, site by site, before any pixel is read.
   read_site(site, *, channels=None) -> np.ndarray float32 (Z, C, Y, X)
   read_site_file(path, *, channels=None) -> np.ndarray float32 (Z, C, Y, X)
+  load_illum(path) -> np.ndarray float32 (Y, X), read-only, cached
+  correct_illumination(stack_zcyx, fields) -> the stack divided per channel (in place)
+  find_illum_files(folder, plate) -> {<Ch>: path};  match_illum_channels(names, mapping) -> {channel: <Ch>}
   load_site(path) -> Site;  write_site_file(site, path) -> Path
   match_channels(names, channels=formats.CHANNELS, channel_map=None, aliases=None) -> ChannelMatch
   normalize_well("a1") -> "A01";  well_name(row=2, col=3) -> "B03"  (1-based)
@@ -61,6 +73,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -81,7 +94,14 @@ SITE_SUFFIX = ".site.json"
 """Suffix of a site descriptor; `formats.read_stack` dispatches on it to `read_site_file`."""
 
 _DESCRIPTOR_FORMAT = "gradcamo-site"
-_DESCRIPTOR_VERSION = 1
+_DESCRIPTOR_VERSION = 2
+# Version 2 added "illum" (illumination functions). A descriptor without them is still written as
+# version 1, so an older gradcamo keeps reading it; one with them is refused by an older gradcamo
+# (which would silently read the raw pixels) instead of being read uncorrected.
+
+ILLUM_CACHE_SIZE = 16
+"""Illumination functions kept in memory per process (one per plate and channel: a 2160×2160
+float32 function is 18.7 MB, so 16 of them bound the cache at ~300 MB)."""
 
 DEFAULT_CHANNEL_ALIASES: dict[str, tuple[str, ...]] = {
     "DNA": ("DNA", "OrigDNA", "Hoechst", "Hoechst 33342", "HOECHST 33342", "H33342", "DAPI", "Nuclei"),
@@ -237,7 +257,10 @@ class Site:
     ``channels``) and ``array`` (one-array layouts) is set. ``voxel_size`` is (z, y, x)
     in µm, None where the metadata do not say. ``source_channels[c]`` is the vendor's
     name of output channel ``channels[c]``. ``metadata`` holds extra ``Metadata_*``
-    values carried into the plate map (e.g. LoadData columns).
+    values carried into the plate map (e.g. LoadData columns). ``illum[c]`` is the absolute
+    path of the illumination function (a (Y, X) ``.npy``, CellProfiler's) that divides
+    channel ``channels[c]`` when the site is read, None for a channel read uncorrected on
+    request (``--illum-skip``); ``illum`` is empty when the site is not corrected.
     """
 
     plate: str
@@ -251,6 +274,7 @@ class Site:
     array: ArrayRef | None = None
     voxel_size: tuple[float | None, float | None, float | None] = (None, None, None)
     metadata: tuple[tuple[str, Any], ...] = ()
+    illum: tuple[str | None, ...] = ()
 
     @property
     def site_id(self) -> str:
@@ -274,7 +298,7 @@ class Site:
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
-            "format": _DESCRIPTOR_FORMAT, "version": _DESCRIPTOR_VERSION, "layout": self.layout,
+            "format": _DESCRIPTOR_FORMAT, "version": _DESCRIPTOR_VERSION if self.illum else 1, "layout": self.layout,
             "plate": self.plate, "well": self.well, "site": int(self.site),
             "channels": list(self.channels), "source_channels": list(self.source_channels),
             "root": self.root, "voxel_size_um": list(self.voxel_size), "metadata": dict(self.metadata),
@@ -285,6 +309,8 @@ class Site:
                           "channel_index": list(a.channel_index), "fixed": {k: v for k, v in a.fixed}}
         else:
             d["planes"] = [[[r.file, r.frame] for r in plane] for plane in self.planes]
+        if self.illum:
+            d["illum"] = list(self.illum)
         return d
 
     @classmethod
@@ -299,10 +325,13 @@ class Site:
                              tuple(int(i) for i in a["channel_index"]), tuple((k, int(v)) for k, v in a["fixed"].items()))
         planes = tuple(tuple(PlaneRef(f, None if fr is None else int(fr)) for f, fr in plane) for plane in d.get("planes", ()))
         vs = tuple(None if v is None else float(v) for v in d.get("voxel_size_um", (None, None, None)))
+        illum = tuple(None if f is None else str(f) for f in d.get("illum", ()))
+        if illum and len(illum) != len(d["channels"]):
+            raise ValueError(f"{len(illum)} illumination entries for {len(d['channels'])} channels")
         return cls(plate=str(d["plate"]), well=str(d["well"]), site=int(d["site"]), layout=str(d["layout"]),
                    channels=tuple(d["channels"]), source_channels=tuple(d["source_channels"]), root=str(d["root"]),
                    planes=planes, array=array, voxel_size=vs,  # type: ignore[arg-type]
-                   metadata=tuple(sorted(d.get("metadata", {}).items())))
+                   metadata=tuple(sorted(d.get("metadata", {}).items())), illum=illum)
 
 
 def write_site_file(site: Site, path: str | os.PathLike) -> Path:
@@ -351,19 +380,130 @@ def read_site(site: Site, *, channels: int | Sequence[str] | None = None) -> np.
       channels: expected channel count or names (as in `formats.read_stack`), checked
         against ``site.channels`` before any file is opened.
 
+    When the site has illumination functions (``site.illum``), each channel is divided by
+    its (Y, X) function, broadcast over Z (`correct_illumination`), before anything else
+    sees the pixels: crop's percentile normalisation and segmentation get corrected
+    images. The functions are read once per file and process (`load_illum`).
+
     Raises:
       FileNotFoundError: a file of the site is gone (moved since the import).
       ValueError (naming the site and file): unreadable/corrupt file, planes of
         different sizes, an array whose shape changed since the import, channel
         count/names ≠ ``channels``, NaN/inf voxels, a constant channel (blank or
-        saturated acquisition).
+        saturated acquisition); an illumination function that is unreadable, not the
+        image's Y×X, or has non-finite or non-positive values.
     """
     fix = "re-run `gradcamo import` with --channels in that order (or change the expected channels)"
     formats.check_channel_names(site.channels, channels, site.label, noun="channels", fix=fix)
     formats.check_channel_count(len(site.channels), channels, site.label, fix=fix)
+    if site.illum and len(site.illum) != len(site.channels):
+        raise ValueError(f"{site.label}: {len(site.illum)} illumination functions for {len(site.channels)} channels; "
+                         "re-run `gradcamo import`")
+    # Loaded (and checked) before the pixels: a bad function fails fast, and costs no image read.
+    fields = [None if f is None else load_illum(f, where=site.label) for f in site.illum]
     out = _read_array_site(site) if site.array is not None else _read_plane_site(site)
+    if fields:
+        correct_illumination(out, fields, [f"{site.label}: illumination function {f}" for f in site.illum])
     formats.check_zcyx(out, f"{site.label} ({_listing(site.files(), 2)})", site.channels)
     return out
+
+
+# ----------------------------------------------------------------------------- illumination correction
+
+_ILLUM_FIX = ("recompute it (CellProfiler CorrectIlluminationCalculate), or import without it: `gradcamo import "
+              "--illum none` (no correction) or `--illum-skip <channel>` (that channel uncorrected)")
+
+
+def load_illum(path: str | os.PathLike, *, where: str = "") -> np.ndarray:
+    """One illumination function, as CellProfiler saves it: a (Y, X) array in a ``.npy`` file.
+
+    Returned as read-only float32 (Y, X), checked: 2-D, every value finite and > 0 (it
+    divides the image). Cached per process by path, modification time and size
+    (`ILLUM_CACHE_SIZE` entries), so the sites of a plate share one read per channel
+    and a rewritten file is read again.
+
+    Raises:
+      FileNotFoundError: no such file (the message names it and the fix).
+      ValueError (naming the file and the fix): not a readable ``.npy``, not 2-D,
+        non-finite or non-positive values.
+    """
+    path = os.path.abspath(os.fspath(path))
+    head = f"{where}: " if where else ""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{head}illumination function {path} not found; restore it, or {_ILLUM_FIX}") from None
+    try:
+        return _load_illum_cached(path, st.st_mtime_ns, st.st_size)
+    except ValueError as e:
+        raise ValueError(f"{head}{e}") from None
+
+
+@functools.lru_cache(maxsize=ILLUM_CACHE_SIZE)
+def _load_illum_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    del mtime_ns, size  # cache key only: a rewritten file is a new entry
+    try:
+        data = np.load(path, allow_pickle=False)  # never unpickle: a .npy from elsewhere must not run code
+    except Exception as e:
+        raise ValueError(f"illumination function {path}: not a readable .npy array ({type(e).__name__}: {e}); "
+                         f"{_ILLUM_FIX}") from None
+    problem = illum_problem(data)
+    if problem:
+        raise ValueError(f"illumination function {path}: {problem}; {_ILLUM_FIX}")
+    out = np.asarray(data, np.float32)
+    out.flags.writeable = False  # shared by every site of the plate: nobody may change it in place
+    return out
+
+
+def illum_problem(field: np.ndarray) -> str | None:
+    """Why `field` cannot divide an image (None when it can): it must be a numeric (Y, X)
+    array whose values are all finite and > 0 (also after rounding to float32)."""
+    field = np.asarray(field)
+    if field.ndim != 2:
+        return f"expected a 2-D (Y, X) array, got shape {field.shape}"
+    if not (np.issubdtype(field.dtype, np.floating) or np.issubdtype(field.dtype, np.integer)):
+        return f"expected numbers, got dtype {field.dtype}"
+    f32 = field.astype(np.float32)
+    bad = ~np.isfinite(f32)
+    if bad.any():
+        y, x = np.argwhere(bad)[0]
+        return f"{int(bad.sum())} non-finite value(s) (NaN/inf), the first at (y, x) = ({y}, {x})"
+    bad = f32 <= 0
+    if bad.any():
+        y, x = np.argwhere(bad)[0]
+        return (f"{int(bad.sum())} value(s) ≤ 0 (min {float(f32.min()):.4g}, the first at (y, x) = ({y}, {x})); "
+                "an illumination function divides the image and must be > 0")
+    return None
+
+
+def correct_illumination(stack_zcyx: np.ndarray, fields: Sequence[np.ndarray | None],
+                         names: Sequence[str] | None = None) -> np.ndarray:
+    """Divide each channel of a site by its illumination function: ``out[z, c] = raw[z, c] / fields[c]``.
+
+    CellProfiler's CorrectIlluminationApply "Divide" method; one (Y, X) function per
+    channel, broadcast over Z (the functions are estimated per plate from 2-D images).
+
+    Args:
+      stack_zcyx: (Z, C, Y, X) float32, divided IN PLACE (it is freshly read; a copy
+        would double the memory of a 3-D site, ~2 GB at 21×5×2160×2160) and returned.
+      fields: C entries, each a (Y, X) array or None (that channel is left as it is).
+      names: C labels for errors (e.g. the function's file), default "channel c".
+
+    Raises:
+      ValueError: a field whose shape is not the stack's (Y, X) (the message names it).
+    """
+    if len(fields) != stack_zcyx.shape[1]:
+        raise ValueError(f"{len(fields)} illumination functions for {stack_zcyx.shape[1]} channels")
+    yx = stack_zcyx.shape[2:]
+    for c, field in enumerate(fields):
+        if field is None:
+            continue
+        if field.shape != yx:
+            name = names[c] if names is not None else f"channel {c}"
+            raise ValueError(f"{name} has shape (Y, X) = {tuple(field.shape)} but the image is {tuple(yx)}; use the "
+                             "function made for these images (same camera binning and field size), or " + _ILLUM_FIX)
+        np.divide(stack_zcyx[:, c], np.asarray(field, np.float32), out=stack_zcyx[:, c])
+    return stack_zcyx
 
 
 def _read_tiff_plane(path: Path, frame: int | None, site: Site, handles: dict | None = None) -> np.ndarray:
@@ -643,6 +783,8 @@ class _Raw:
     # (plane, channel) → why its image is missing; counted only for channels that are used.
     missing: dict[tuple[float, str], str] = dataclasses.field(default_factory=dict)
     expected: Callable[[float, str], str] | None = None
+    # LoadData FileName_Illum<Ch>/PathName_Illum<Ch>: <Ch> → absolute path of the function.
+    illum: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -709,10 +851,9 @@ def _scan_loaddata(src: Path, o: _Options) -> _Scan:
         if lonely:
             scan.problems.append(f"{csv}: FileName_{lonely[0]} has no PathName_{lonely[0]} column (also: {lonely[1:]}); "
                                  "LoadData needs both per channel")
-        illum = [n for n in names if n.lower().startswith("illum")]
-        if illum:
-            scan.notes.append(f"{csv.name}: illumination-function columns {illum} are not applied (raw images are read)")
-        names = [n for n in names if n not in lonely and n not in illum]
+        # FileName_Illum<Ch> (the Gallery's load_data_with_illum.csv) name illumination functions, not images.
+        illum = [n for n in names if n.lower().startswith("illum") and n not in lonely]
+        names = [n for n in names if n not in lonely and not n.lower().startswith("illum")]
         if not names:
             scan.problems.append(f"{csv}: no FileName_<Channel>/PathName_<Channel> column pairs; is this a LoadData CSV?")
             continue
@@ -772,6 +913,8 @@ def _scan_loaddata(src: Path, o: _Options) -> _Scan:
                     scan.problems.append(f"{where}: {raw.label} plane {plane:g} channel {n} appears twice; "
                                          "remove the duplicate row")
                 raw.planes[(plane, n)] = PlaneRef(str(p), frame)
+            for n in illum:
+                _loaddata_illum(raw, n[len("Illum"):], row, n, csv, where, o, scan)
     if varying:
         scan.notes.append(f"per-plane columns not carried into the plate map: {sorted(varying)}")
     for raw in sites.values():
@@ -781,6 +924,20 @@ def _scan_loaddata(src: Path, o: _Options) -> _Scan:
             raw.planes = {k: PlaneRef(os.path.relpath(r.file, raw.root), r.frame) for k, r in raw.planes.items()}
     scan.sites = list(sites.values())
     return scan
+
+
+def _loaddata_illum(raw: _Raw, ch: str, row: Mapping[str, Any], col: str, csv: Path, where: str, o: _Options,
+                    scan: _Scan) -> None:
+    """Record a LoadData row's illumination function of channel ``ch`` (column ``FileName_<col>``) on its site."""
+    fname, pname = str(row[f"FileName_{col}"]).strip(), str(row[f"PathName_{col}"]).strip()
+    if not fname:
+        return  # no function for this channel: reported (or accepted) when the channels are matched
+    full = _map_path(os.path.join(pname, fname) if pname else fname, o.path_map)
+    path = full if "://" in full else os.path.abspath(csv.parent / full)
+    old = raw.illum.setdefault(ch, path)
+    if old != path:
+        scan.problems.append(f"{where}: {raw.label} FileName_{col} is {path} but {old} on another of its rows; "
+                             "one illumination function per site and channel — fix the CSV")
 
 
 def _loaddata_expected(csv: Path, plane_col: str | None) -> Callable[[float, str], str]:
@@ -1429,6 +1586,171 @@ def _well_treatments(
     return out
 
 
+# ----------------------------------------------------------------------------- illumination functions at import
+
+_ILLUM_NAME_RE = re.compile(r"^(?P<plate>.+)_Illum(?P<ch>.+)\.npy$")
+
+
+def find_illum_files(folder: str | os.PathLike, plate: str) -> dict[str, Path]:
+    """A plate's illumination functions in a folder that follows the Cell Painting Gallery's naming.
+
+    Looks for ``<folder>/<plate>/<plate>_Illum<Ch>.npy`` (the Gallery's ``illum/`` folder,
+    one subfolder per plate) and, when that subfolder has none, ``<folder>/<plate>_Illum<Ch>.npy``
+    (the plate's own folder). Returns {<Ch>: path} (e.g. {"DNA": …/BR001_IllumDNA.npy}),
+    empty when there is none.
+    """
+    folder = Path(folder)
+    for where in (folder / plate, folder):
+        if not where.is_dir():
+            continue
+        found = {}
+        for p in sorted(where.iterdir()):
+            m = _ILLUM_NAME_RE.match(p.name)
+            if m and m.group("plate") == plate and p.is_file():
+                found[m.group("ch")] = p
+        if found:
+            return found
+    return {}
+
+
+def match_illum_channels(
+    names: Sequence[str],
+    mapping: Mapping[str, str],
+    aliases: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, str]:
+    """Which illumination function (``<Ch>`` of ``Illum<Ch>``) goes with each output channel.
+
+    An output channel takes the function named like its vendor channel (``mapping``, the
+    import's `match_channels` result), with or without CellProfiler's ``Orig`` prefix
+    (OrigDNA ↔ IllumDNA, ch1 ↔ Illumch1); the others are matched through the same
+    channel table as the images (`match_channels` with ``aliases``), so a Gallery
+    ``IllumDNA`` serves the Harmony channel "HOECHST 33342". Returns {output channel: name}
+    for the channels that found one (a channel with several candidates gets none).
+    """
+    names = list(dict.fromkeys(str(n) for n in names))
+    out: dict[str, str] = {}
+    for target, vendor in mapping.items():
+        want = {_norm(vendor), _norm(re.sub(r"^orig", "", vendor, flags=re.IGNORECASE))}
+        hits = [n for n in names if _norm(n) in want]
+        if len(hits) == 1:
+            out[target] = hits[0]
+    rest = [n for n in names if n not in out.values()]
+    targets = [t for t in mapping if t not in out]
+    if rest and targets:
+        out.update(match_channels(rest, targets, None, aliases).mapping)
+    return out
+
+
+def _illum_file_problem(path: str, raw: _Raw) -> str | None:
+    """Why `path` cannot correct the images of site `raw` (None when it can), from headers only:
+    the values are checked when a site is read (`load_illum`)."""
+    if "://" in path:
+        return "not a local path; mirror it and map the prefix with --path-map"
+    if not os.path.isfile(path):
+        return "does not exist"
+    try:
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape  # the header only
+    except Exception as e:
+        return f"not a readable .npy array ({type(e).__name__}: {e})"
+    if len(shape) != 2:
+        return f"expected a 2-D (Y, X) array, got shape {shape}"
+    yx = _raw_yx(raw)
+    if yx is not None and shape != yx:
+        return f"has shape (Y, X) = {shape} but the images of {raw.label} are {yx}; use the functions made for these images"
+    return None
+
+
+def _raw_yx(raw: _Raw) -> tuple[int, int] | None:
+    """A scanned site's image Y×X, from metadata or one TIFF header (no pixels); None when unknown."""
+    if raw.array is not None:
+        dims = dict(zip(raw.array.axes, raw.array.shape))
+        return (dims["Y"], dims["X"]) if "Y" in dims and "X" in dims else None
+    ref = next(iter(raw.planes.values()), None)
+    if ref is None:
+        return None
+    try:
+        shape = list(formats.stack_shape(Path(raw.root) / ref.file))
+    except Exception:  # unreadable files are reported, with their name, when the site is read
+        return None
+    while len(shape) > 2 and shape[-1] == 1:  # a trailing sample axis of size 1
+        shape.pop()
+    return (shape[-2], shape[-1]) if len(shape) >= 2 else None
+
+
+def _resolve_illum(
+    sites: Sequence[_Raw],
+    illum: str | os.PathLike | None,
+    skip: Sequence[str],
+    mapping: Mapping[str, str],
+    channels: Sequence[str],
+    aliases: Mapping[str, Sequence[str]] | None,
+    problems: list[str],
+    warnings: list[str],
+    notes: list[str],
+) -> dict[tuple[str, str, int], tuple[str | None, ...]]:
+    """The illumination function of each site's output channels (`Site.illum`), from LoadData's
+    ``FileName_Illum<Ch>`` columns (``illum`` None), a Gallery-style folder (``illum``), or none
+    (``illum`` "none"). Problems (missing files, channels without a function that are not in
+    ``skip``, unreadable or mis-sized functions) are appended, grouped, naming sites and files."""
+    out: dict[tuple[str, str, int], tuple[str | None, ...]] = {}
+    unknown = [c for c in skip if c not in channels]
+    if unknown:
+        problems.append(f"--illum-skip {','.join(unknown)}: not output channel(s) {list(channels)}")
+    loaddata = any(r.illum for r in sites)
+    if illum is not None and str(illum).strip().lower() == "none":
+        if loaddata:
+            notes.append("FileName_Illum<Ch> columns not applied (--illum none): raw images are read")
+        return out
+    by_plate: dict[str, dict[str, str]] = {}
+    if illum is not None:
+        folder = Path(illum).expanduser()
+        if not folder.is_dir():
+            problems.append(f"--illum {illum}: not a folder; give the folder holding <plate>/<plate>_Illum<Ch>.npy "
+                            "(the Gallery's illum/), or 'none'")
+            return out
+        if loaddata:
+            notes.append(f"illumination functions from {folder} (--illum), not from the FileName_Illum<Ch> columns")
+        for plate in sorted({r.plate for r in sites}):
+            by_plate[plate] = {k: str(v.resolve()) for k, v in find_illum_files(folder, plate).items()}
+            if not by_plate[plate]:
+                problems.append(f"plate {plate}: no illumination functions {folder / plate / (plate + '_Illum<Ch>.npy')} "
+                                f"(nor {folder / (plate + '_Illum<Ch>.npy')}); add them, or pass --illum none")
+    lacking: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[str]] = defaultdict(list)
+    checked: dict[str, str | None] = {}  # function file → its problem (None: usable)
+    for r in sites:
+        found = by_plate.get(r.plate, {}) if illum is not None else r.illum
+        if not found:
+            need = tuple(c for c in channels if c not in skip)
+            if illum is None and loaddata and need:  # empty FileName_Illum cells while other sites have them
+                lacking[(r.plate, need, ())].append(f"{r.well} s{r.site}")
+            continue
+        match = match_illum_channels(list(found), mapping, aliases)
+        files = {t: found[n] for t, n in match.items()}
+        missing = tuple(t for t in channels if t not in files and t not in skip)
+        if missing:
+            lacking[(r.plate, missing, tuple(found))].append(f"{r.well} s{r.site}")
+            continue
+        for t in skip:
+            files.pop(t, None)
+        for f in files.values():
+            if f not in checked:  # each file once: a plate's sites share their functions
+                checked[f] = _illum_file_problem(f, r)
+        if files:
+            out[r.key] = tuple(files.get(t) for t in channels)
+    source = "in the --illum folder" if illum is not None else "in the FileName_Illum<Ch> columns"
+    for (plate, missing, found), where in sorted(lacking.items()):
+        have = f"have illumination functions {list(found)}" if found else "have no illumination functions (others do)"
+        problems.append(
+            f"plate {plate}: {len(where)} site(s) ({_listing(where, 6)}) {have} {source} but none for output "
+            f"channel(s) {list(missing)}; add them, pass --illum-skip {','.join(missing)} to read those channels "
+            "uncorrected, or --illum none for no correction")
+    for f, why in sorted((f, why) for f, why in checked.items() if why):
+        problems.append(f"illumination function {f}: {why}; {_ILLUM_FIX}")
+    if skip and out:
+        warnings.append(f"channel(s) {list(skip)} read without illumination correction (--illum-skip)")
+    return out
+
+
 # ----------------------------------------------------------------------------- import
 
 
@@ -1437,6 +1759,7 @@ class ImportReport:
     """What `import_plate` found: printed by ``gradcamo import``; ``to_dict`` for JSON.
 
     ``planes`` maps planes per site (Z) → number of sites; ``voxel_sizes`` lists the distinct (z, y, x) µm values.
+    ``illum`` maps each output channel → the illumination-function files that correct it (empty: uncorrected).
     ``warnings`` are problems that did not stop the import; ``skipped`` lists sites
     left out on request (--skip-incomplete / --skip-unmapped-wells), with the reason.
     """
@@ -1458,6 +1781,7 @@ class ImportReport:
     plate_map: str | None = None
     sites_dir: str | None = None
     sites: list[Site] = dataclasses.field(default_factory=list, repr=False)
+    illum: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sites"}
@@ -1472,6 +1796,11 @@ class ImportReport:
         ]
         lines.append("planes per site: " + ", ".join(f"{'?' if k is None else k} ({v} sites)" for k, v in self.planes.items()))
         lines.append("voxel size (z, y, x) µm: " + ", ".join(_fmt_voxel(v) for v in self.voxel_sizes))
+        if any(self.illum.values()):
+            lines.append("illumination correction: " + ", ".join(
+                f"{t} ← {_listing([Path(f).name for f in fs], 2)}" if fs else f"{t} none" for t, fs in self.illum.items()))
+        else:
+            lines.append("illumination correction: none")
         cols = ", ".join(f"{t} / {d or 'dose 0'}" for t, d in self.treatment_columns) or "none (no --platemap)"
         lines.append(f"treatments: {len(self.treatments)} ({_listing(self.treatments, 6)}); columns {cols}")
         lines += [f"note: {n}" for n in self.notes]
@@ -1506,6 +1835,8 @@ def import_plate(
     skip_unmapped_wells: bool = False,
     allow_mixed_voxel_size: bool = False,
     check_files: bool = True,
+    illum: str | os.PathLike | None = None,
+    illum_skip: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, ImportReport]:
     """Turn a plate in one of `LAYOUTS` into plate-map rows pointing at its original files.
 
@@ -1547,6 +1878,15 @@ def import_plate(
         instead of failing.
       allow_mixed_voxel_size: accept sites with different voxel sizes (warned).
       check_files: check that every LoadData file exists (one stat per file).
+      illum: illumination correction (CellProfiler's functions, ``.npy`` of the image's
+        Y×X; reading a site divides each channel by its function, before any
+        normalisation). None: LoadData's ``FileName_Illum<Ch>``/``PathName_Illum<Ch>``
+        columns when the CSV has them, else none. A folder: the Cell Painting Gallery's
+        naming, ``<illum>/<plate>/<plate>_Illum<Ch>.npy`` (or ``<illum>/<plate>_Illum<Ch>.npy``),
+        for every layout. "none": no correction. ``<Ch>`` is matched to the output
+        channels like the images' channel names (`match_illum_channels`).
+      illum_skip: output channels read without correction although others have a function
+        (otherwise a channel without one is an error).
 
     Returns:
       (plate map, report): one row per site sorted by plate, well, site, with the
@@ -1556,7 +1896,9 @@ def import_plate(
     Raises:
       LayoutError (ValueError): unknown layout; nothing found; a channel that cannot
         be matched; sites with missing channel/plane files; duplicate sites; mixed
-        voxel sizes; image wells in no platemap; unreadable platemaps. Warnings (in
+        voxel sizes; image wells in no platemap; unreadable platemaps; illumination
+        functions missing (for a file or a channel), unreadable, not 2-D or not the
+        images' Y×X. Warnings (in
         the report): unused vendor channels, platemap wells without images, unknown
         voxel sizes, files that fit no naming rule, ignored projections/thumbnails.
     """
@@ -1689,6 +2031,10 @@ def import_plate(
         warnings.append("no --platemap: every site has Metadata_Treatment 'unknown' and dose 0 unless the source "
                         "carries Metadata_Treatment/Metadata_Dose")
 
+    notes = list(scan.notes)
+    site_illum = _resolve_illum(complete, illum, tuple(illum_skip), match.mapping, channels, aliases,
+                                problems, warnings, notes)
+
     if problems:
         raise LayoutError(src, layout, problems)
 
@@ -1701,12 +2047,13 @@ def import_plate(
             zs = sorted(plate_planes[r.plate])
             planes = tuple(tuple(r.planes[(z, ch)] for ch in sources) for z in zs)
             site = Site(r.plate, r.well, r.site, layout, channels, tuple(sources), r.root, planes=planes,
-                        voxel_size=r.voxel_size, metadata=tuple(sorted(r.metadata.items())))
+                        voxel_size=r.voxel_size, metadata=tuple(sorted(r.metadata.items())),
+                        illum=site_illum.get(r.key, ()))
         else:
             idx = tuple(r.array_channels.index(ch) for ch in sources)
             site = Site(r.plate, r.well, r.site, layout, channels, tuple(sources), r.root,
                         array=dataclasses.replace(r.array, channel_index=idx), voxel_size=r.voxel_size,
-                        metadata=tuple(sorted(r.metadata.items())))
+                        metadata=tuple(sorted(r.metadata.items())), illum=site_illum.get(r.key, ()))
         sites.append(site)
         row: dict[str, Any] = {"Metadata_Plate": r.plate, "Metadata_Well": r.well, "Metadata_Site": r.site}
         if tr is not None:
@@ -1745,7 +2092,8 @@ def import_plate(
         layout=layout, src=str(src), plates=sorted({s.plate for s in sites}), n_wells=len({(s.plate, s.well) for s in sites}),
         n_sites=len(sites), channels=dict(match.mapping), unused_channels=list(match.unused), planes=dict(planes),
         voxel_sizes=sorted({s.voxel_size for s in sites}, key=str), treatments=sorted(set(df["Metadata_Treatment"])) if rows else [],
-        treatment_columns=treat_cols, warnings=warnings, skipped=skipped, notes=list(scan.notes), sites=sites,
+        treatment_columns=treat_cols, warnings=warnings, skipped=skipped, notes=notes, sites=sites,
+        illum={t: sorted({s.illum[c] for s in sites if s.illum and s.illum[c]}) for c, t in enumerate(channels)},
     )
     if out is not None:
         _write_import(df, sites, Path(out), sites_dir, report)
@@ -1824,6 +2172,11 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rewrite LoadData path prefixes, e.g. s3://cellpainting-gallery=/data/cpg (repeatable)")
     parser.add_argument("--name-pattern", default=None, help="ome-tiff file-name regex with (?P<well>…) [(?P<site>…) (?P<plate>…)]")
     parser.add_argument("--voxel-size", default=None, metavar="Z,Y,X", help="voxel size in µm for every site")
+    parser.add_argument("--illum", default=None, metavar="DIR|none",
+                        help="illumination functions to divide the images by: a folder with <plate>/<plate>_Illum<Ch>.npy "
+                             "(Cell Painting Gallery naming), or 'none' [LoadData's FileName_Illum<Ch> columns if any]")
+    parser.add_argument("--illum-skip", default=None, metavar="CH[,CH]",
+                        help="output channels to read without illumination correction when the others have it")
     parser.add_argument("--sites-dir", default=None, help="folder for the site descriptors")
     parser.add_argument("--skip-incomplete", action="store_true", help="leave out sites with missing channels/planes (listed)")
     parser.add_argument("--skip-unmapped-wells", action="store_true", help="leave out sites whose well is in no platemap (listed)")
@@ -1850,6 +2203,7 @@ def run_import(args: argparse.Namespace) -> int:
             path_map=_pairs(args.path_map, "--path-map"), name_pattern=args.name_pattern, voxel_size=voxel,
             skip_incomplete=args.skip_incomplete, skip_unmapped_wells=args.skip_unmapped_wells,
             allow_mixed_voxel_size=args.allow_mixed_voxel_size, check_files=not args.no_check_files,
+            illum=args.illum, illum_skip=[c.strip() for c in (args.illum_skip or "").split(",") if c.strip()],
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"gradcamo import: {e}", file=sys.stderr)
