@@ -24,9 +24,6 @@ from gradcamo_jax import sharding
 # Float32 sums over 8 shards vs 1 reorder additions; a few steps of AdamW keep that at ~1e-6.
 RTOL, ATOL = 1e-4, 1e-5
 WORKER = Path(__file__).resolve().parent / "_sharding_worker.py"
-# On top of the session's compile settings (the workers compare only with each other): XLA:CPU's
-# older elemental emitters compile the train step ~3x faster (6 s vs 18 s CPU for the tiny model).
-COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
 def test_mesh_is_auto_and_spans_all_devices():
@@ -82,12 +79,6 @@ def _finish(proc: subprocess.Popen, what: str) -> str:
     return stdout
 
 
-def _env(jax_cache, devices: int) -> dict[str, str]:
-    env = worker_env(jax_cache, devices)
-    env["XLA_FLAGS"] += f" {COMPILE_FLAGS}"
-    return env
-
-
 @pytest.fixture(scope="module")
 def one_process_runs(tmp_path_factory, jax_cache):
     """One process with 8 devices: the initial state, then 3 steps on 1 device (jit), on a mesh of
@@ -95,7 +86,7 @@ def one_process_runs(tmp_path_factory, jax_cache):
     run). One process, so the initial state is built once."""
     out = tmp_path_factory.mktemp("steps")
     _finish(_worker(["steps", "--out", str(out), "--runs", "jit:1,jit:8,pmap:8,jit:4", "--steps", "3"],
-                    _env(jax_cache, 8)), "steps")
+                    worker_env(jax_cache, 8)), "steps")
     return out
 
 
@@ -125,7 +116,7 @@ def test_two_processes_match_one_process_with_four_devices(one_process_runs, tmp
     """Two real processes (gloo over 127.0.0.1), 2 devices each, each feeding only its rows,
     from the one-process run's initial state; the reference is that process's mesh of 4."""
     port = _free_port()
-    env = _env(jax_cache, 2)
+    env = worker_env(jax_cache, 2)
     procs = [
         _worker(["distributed", "--init", str(one_process_runs / "init.pkl"), "--out", str(tmp_path / "dist.npz"),
                  "--process-id", str(i), "--num-processes", "2", "--port", str(port)], env)
