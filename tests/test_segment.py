@@ -552,3 +552,122 @@ def test_real_confocal_nuclei_f1(offline_model, tmp_path):
     score = segment.evaluate(pm, out).iloc[0]
     assert score.n_true == 20 and score.n_pred > 0
     assert score.f1 >= 0.4, score.to_dict()
+
+
+# ----------------------------------------------------------------------------- vendor layouts, folder to batch
+
+# Each layout as tests/test_readers.py writes it (vendor naming and metadata), with synthetic cells for pixels:
+# layout -> (plate name the vendor files carry, (z, y, x) µm their metadata give for a 3-plane plate).
+VENDOR_LAYOUTS = {
+    "loaddata": ("BR001", (np.nan, np.nan, np.nan)),  # load_data.csv carries no pixel size
+    "phenix": ("P2", (2.0, 0.65, 0.65)),
+    "imagexpress": ("IXP", (1.5, 0.325, 0.325)),
+    "ome-tiff": ("OT1", (1.0, 0.5, 0.5)),
+    "ome-zarr": ("ZP", (2.0, 0.4, 0.4)),
+}
+VENDOR_FIELD = 64
+
+
+def _vendor_sites(nz: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """(well, site) -> ((Z, 5, Y, X) uint16 pixels, (Z, Y, X) true labels): one synthetic site per well of
+    test_readers' WELLS (A01 control, B02 the highest dose), 3 planes, or the middle one for a 2D plate."""
+    import test_readers
+
+    config = plate_config(field_shape=(3, VENDOR_FIELD, VENDOR_FIELD), empty_sites=0)
+    planes = slice(None) if nz == 3 else slice(1, 2)
+    out = {}
+    for i, (well, k) in enumerate(zip(test_readers.WELLS, (0, len(config.doses)))):
+        stack, labels, _, _ = synthetic.synth_site(config, k, i)
+        out[(well, 1)] = (stack[planes], labels[planes])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nz", [1, 3], ids=["2d", "3d"])
+@pytest.mark.parametrize("layout", list(VENDOR_LAYOUTS))
+def test_vendor_layout_from_folder_to_training_batch(layout, nz, offline_model, tmp_path, monkeypatch, capsys):
+    """A small plate in each of the five layouts, written with the vendor's naming and metadata
+    (test_readers' writers; two wells, one site each, synthetic cells as pixels), goes from its folder
+    through `gradcamo import` → segment.py run + merge (offline model) → crop_plate → one training batch."""
+    import test_readers
+
+    from gradcamo_jax import cli
+    from gradcamo_jax.config import DataConfig
+    from gradcamo_jax.data import crop, pipeline
+
+    sites = _vendor_sites(nz)
+    monkeypatch.setattr(test_readers, "SIZE", VENDOR_FIELD)
+    monkeypatch.setattr(test_readers, "SITES", (1,))
+
+    def pixels(plate, well, site, nz=3, nc=5):
+        stack = sites[(well, site)][0]
+        assert stack.shape[0] == nz
+        return stack[:, :nc]
+
+    monkeypatch.setattr(test_readers, "pixels", pixels)
+    plate, (vz, vy, vx) = VENDOR_LAYOUTS[layout]
+    root = tmp_path / "vendor"
+    if layout == "loaddata":
+        src, platemap = test_readers.make_loaddata(root, nz=nz, plate=plate)
+        treatments = {"A01": ("DMSO", 0.0), "B02": ("BRD-K01", 10.0)}  # the Gallery platemap's PM1.txt
+    else:
+        src = {"phenix": test_readers.make_phenix, "imagexpress": test_readers.make_imagexpress,
+               "ome-tiff": test_readers.make_ome_tiff, "ome-zarr": test_readers.make_ome_zarr}[layout](root, nz=nz, plate=plate)
+        treatments = {"A01": ("DMSO", 0.0), "B02": ("drugX", 2.0)}
+        platemap = test_readers.simple_platemap(tmp_path, treatments)
+
+    # Folder -> plate map, through the command line.
+    pm = tmp_path / "run" / "plate_map.csv"
+    assert cli.main(["import", str(src), "--layout", layout, "--out", str(pm), "--platemap", str(platemap)]) == 0
+    assert "2 site(s)" in capsys.readouterr().out
+    plate_map = formats.read_plate_map(pm)
+    assert list(zip(plate_map.Metadata_Plate, plate_map.Metadata_Well, plate_map.Metadata_Site)) == [
+        (plate, "A01", 1), (plate, "B02", 1)]
+    for row in plate_map.itertuples():  # the vendor files read back as the synthetic pixels, channels in order
+        want = sites[(row.Metadata_Well, row.Metadata_Site)][0].astype(np.float32)
+        np.testing.assert_array_equal(formats.read_stack(row.FileName_Image, channels=formats.CHANNELS), want)
+
+    # Segmentation (one run, then the merge a sharded run ends with).
+    seg = tmp_path / "seg"
+    assert segment.main(["run", "--plate-map", str(pm), "--out", str(seg), "--model", str(offline_model), *RUN_ARGS]) == 0
+    assert segment.main(["merge", "--plate-map", str(pm), "--out", str(seg)]) == 0
+    summary = pd.read_csv(seg / "summary.csv", keep_default_na=False)
+    assert list(summary.status) == ["ok", "ok"] and (summary.n_cells > 0).all(), summary
+    f1 = []
+    for rec in summary.itertuples():
+        truth = sites[(rec.Metadata_Well, rec.Metadata_Site)][1]
+        ours = formats.read_labels(seg / rec.FileName_Labels, expect_shape=truth.shape)
+        f1.append(metrics.match_f1(truth, ours, 0.5).f1)
+    assert min(f1) >= 0.5, (summary.n_cells.tolist(), f1)
+
+    # Crops: every segmented cell, from both sites, with the vendor's metadata.
+    size = (nz, 32, 32)
+    data = crop.crop_plate(seg / "plate_map.csv", tmp_path / "data",
+                           crop.CropConfig(crop_size=size, workers=0, split_fractions=(1.0, 0.0, 0.0)))
+    cells = formats.read_cells(data)
+    crop_summary = formats.read_json(data / crop.SUMMARY_FILE)
+    assert len(cells) + crop_summary["n_filtered_small"] == summary.n_cells.sum() and len(cells) > 0
+    assert set(zip(cells.Metadata_Plate, cells.Metadata_Well, cells.Metadata_Site)) == {(plate, "A01", 1), (plate, "B02", 1)}
+    assert set(cells.Metadata_Layout) == {layout}
+    for well, (treatment, dose) in treatments.items():
+        mine = cells[cells.Metadata_Well == well]
+        assert set(mine.Metadata_Treatment) == {treatment} and set(mine.Metadata_Dose) == {dose}
+    np.testing.assert_allclose(cells[["Metadata_PhysicalSizeY", "Metadata_PhysicalSizeX"]].to_numpy(),
+                               np.broadcast_to([vy, vx], (len(cells), 2)))
+    if nz == 3:
+        np.testing.assert_allclose(cells.Metadata_PhysicalSizeZ, vz)
+    if layout == "loaddata":  # load_data.csv's own Metadata_ columns and the platemap's
+        assert set(cells.Metadata_solvent) == {"DMSO"}
+        # its Metadata_Row (the plate row) is not overwritten by the crop store's row number
+        assert dict(zip(cells.Metadata_Well, cells.Metadata_PlateMap_Row)) == {"A01": "A", "B02": "B"}
+    np.testing.assert_array_equal(cells.Metadata_Row, np.arange(len(cells)))
+
+    # One training batch through the real pipeline, labelled by the plate's treatments.
+    cfg = DataConfig(batch_size=4, split_fractions=(1.0, 0.0, 0.0), read_threads=1, prefetch=1)
+    ds = pipeline.open_dataset(str(data), cfg)
+    batch = next(iter(pipeline.make_iterator(pipeline.train_dataset(ds.sources["train"], cfg, seed=0), cfg)))
+    assert batch["image"].shape == (4, *size, 5) and batch["mask"].shape == (4, *size)
+    assert np.isfinite(batch["image"]).all() and all((m == 1).any() for m in batch["mask"])
+    by_row = ds.cells.set_index("Metadata_Row")
+    want = [0 if by_row.loc[int(i), "Metadata_Treatment"] == "DMSO" else 1 for i in batch["index"]]
+    assert batch["label"].tolist() == want and ds.num_classes == 2

@@ -45,7 +45,9 @@ Cell table columns: every plate-map ``Metadata_*``, ``FileName_Image``,
 ``FileName_Labels``, ``Metadata_SiteId``, ``Metadata_ObjectNumber`` (label id),
 ``Metadata_Centroid_Z/Y/X``, ``Metadata_Volume``, ``Metadata_TouchesBorder``,
 ``Metadata_Padded``, ``Metadata_Class``, ``Metadata_ClassName``, ``Metadata_Split``,
-``Metadata_Row``; and the physical scale (`physical_measures`):
+``Metadata_Row`` (a plate-map column of one of these names, such as the Gallery's
+``Metadata_Row``, the plate row, is kept as ``Metadata_PlateMap_<name>``); and the
+physical scale (`physical_measures`):
 ``Metadata_PhysicalSizeZ/Y/X`` (the site's voxel size in µm, from the plate map as
 ``gradcamo import`` writes it), ``Metadata_Centroid_Z/Y/X_um`` and ``Metadata_Volume_um3``.
 These are always present, NaN where the plate map has no size for that axis (a
@@ -72,6 +74,9 @@ from gradcamo_jax.data import formats, shards, splits
 from gradcamo_jax.data.splits import SPLITS
 
 PARTS_DIR = "parts"
+# Cell-table columns the crop step writes besides `measure_cells`' and `physical_measures`' (see module doc).
+OWN_COLUMNS = ("Metadata_SiteId", "Metadata_Padded", "Metadata_Class", "Metadata_ClassName", "Metadata_Split",
+               "Metadata_Row")
 SUMMARY_FILE = "summary.json"
 
 
@@ -341,12 +346,17 @@ def process_site(row: dict, parts_dir: str | os.PathLike, config: CropConfig) ->
                 image, mask, padded[s:e] = extract_crops(normed, labels, ids[s:e], starts[s:e], config.crop_size)
                 writer.write(s, image, mask)
         # The plate map's voxel-size columns come from physical_measures (parsed, NaN when unknown).
-        meta = {k: v for k, v in row.items() if k.startswith("Metadata_") and k not in PHYSICAL_SIZE_COLUMNS}
+        phys = physical_measures(table, site_voxel_size(row))
+        # A plate-map column named like one this step writes is kept as Metadata_PlateMap_<name>, not
+        # overwritten (the Gallery's load_data.csv has Metadata_Row, the plate row; merge's is the store row).
+        own = {*table.columns, *phys.columns, *OWN_COLUMNS}
+        meta = {(f"Metadata_PlateMap_{k.removeprefix('Metadata_')}" if k in own else k): v for k, v in row.items()
+                if k.startswith("Metadata_") and k not in PHYSICAL_SIZE_COLUMNS}
         cells = pd.DataFrame({**{k: [v] * n for k, v in meta.items()},
                               "FileName_Image": [row["FileName_Image"]] * n,
                               "FileName_Labels": [lpath] * n,
                               "Metadata_SiteId": [sid] * n})
-        cells = pd.concat([cells, table, physical_measures(table, site_voxel_size(row))], axis=1)
+        cells = pd.concat([cells, table, phys], axis=1)
         cells["Metadata_Padded"] = padded
         formats.write_cells(cells, tmp)
         report = {
