@@ -119,7 +119,8 @@ def _run_train(args: argparse.Namespace) -> int:
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     out = train.train_and_evaluate(config, args.workdir, args.data)
     val = out["val"]
-    summary = {"step": out["step"], "steps_per_second": out["steps_per_second"], "val": val}
+    summary = {"step": out["step"], "steps_per_second": out["steps_per_second"], "val": val,
+               "spatial_dims": out["config"].model.spatial_dims}  # 2 when the plate had one plane per site
     print(json.dumps(summary))
     return 0
 

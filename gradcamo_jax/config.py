@@ -83,7 +83,9 @@ class ModelConfig:
     Attributes:
       variant: "b0" … "b7" (compound scaling of Tan & Le 2019) or "tiny" (tests).
       num_classes: number of logits (e.g. control + 5 doses = 6).
-      spatial_dims: 3 for crops (B, Z, Y, X, C); 2 for (B, Y, X, C).
+      spatial_dims: 3 for crops (B, Z, Y, X, C); 2 for (B, Y, X, C). Training turns 3 into 2
+        when the crops have one plane (2D plates; `gradcamo_jax.train.model_config_for_crops`)
+        and saves the model it trained, so scoring rebuilds the same one.
       stem_stride: stride of the 3×3(×3) stem; int or one per spatial axis (Z first).
       stage_strides: stride of the first block of each of the 7 stages; None takes
         the EfficientNet table (1, 2, 2, 2, 1, 2, 1). Each entry is an int or a

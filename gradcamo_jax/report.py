@@ -6,7 +6,8 @@
 * ``umap.png`` — UMAP (umap-learn) of the sphered profiles, coloured by dose and, in a
   second panel, by imaging site (the paper's Fig. 4A: site-coloured clusters mean a
   batch effect survived).
-* ``overlays.png`` — per cell, the z-slice holding most of the central cell in two panels:
+* ``overlays.png`` — per cell, the z-slice holding most of the central cell (a 2D model's
+  maps: the one plane) in two panels:
   the image in grey, and the CAM in one hue (red) over the dimmed image, both with the
   mask outlines (central cell cyan, other cells yellow dashed), for the highest- and
   lowest-scoring cells and for cells whose attention sits mostly on a neighbour or on
@@ -280,7 +281,8 @@ def _outline(ax, mask: np.ndarray) -> None:
 def plot_overlays(profiles: pd.DataFrame, store, rows: np.ndarray, cams: np.ndarray, path: Path, k: int = 4,
                   preprocess=None, channel: str | None = None) -> Path:
     """Grid of overlays: one row per example kind, `k` cells each, two panels per cell on the
-    z-slice holding most of the central cell: the image in grey (`grey_image`, `channel`),
+    z-slice holding most of the central cell (2D maps, ``cams`` ``(M, Y, X)``: the crop's one
+    plane, after `preprocess`): the image in grey (`grey_image`, `channel`),
     and the CAM in one hue over the dimmed image (`cam_over_grey`), both with the cell's
     outline (cyan) and its neighbours' (yellow, dashed).
     `preprocess(image, mask)` maps a stored crop to what the model saw (the CAM's grid)."""
@@ -406,6 +408,29 @@ def map_section(profiles: pd.DataFrame, out_dir: str | os.PathLike, config: Eval
     return f"{head}<p>Not computed: {html.escape(why)}.</p>", {}
 
 
+def overlay_preprocess(manifest: dict):
+    """``preprocess(image, mask)`` that puts a stored crop (``(Z, Y, X, C)``, ``(Z, Y, X)``) on the
+    grid of the saved CAMs, from the scoring manifest: the run's centre crop and binning, then,
+    for a 2D model (``manifest["model"]["spatial_dims"] == 2``), the plane axis dropped
+    (`pipeline.to_model_axes`, as training and scoring do), giving ``(Y, X, C)``, ``(Y, X)``.
+    None when the stored crop is already that grid (3D, no crop or binning)."""
+    import functools
+
+    crop = manifest.get("crop_shape")
+    downsample = tuple(manifest.get("downsample", (1, 1, 1)))
+    dims = int((manifest.get("model") or {}).get("spatial_dims", 3))
+    if crop is None and downsample == (1, 1, 1) and dims == 3:
+        return None
+    return functools.partial(_model_view, crop_shape=None if crop is None else tuple(crop), downsample=downsample,
+                             spatial_dims=dims)
+
+
+def _model_view(image, mask, *, crop_shape, downsample, spatial_dims):
+    from gradcamo_jax.data.pipeline import centre_crop_and_bin, to_model_axes
+
+    return to_model_axes(*centre_crop_and_bin(image, mask, crop_shape, downsample), spatial_dims)
+
+
 def make_report(
     profiles_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -435,15 +460,7 @@ def make_report(
     if store is not None and config.overlay_channel is not None:  # before the figures, not after UMAP
         grey_image(np.zeros((1, 1, len(store.channels))), store.channels, config.overlay_channel)
     manifest = formats.read_json(Path(profiles_dir) / "manifest.json")
-    preprocess = None
-    if manifest.get("crop_shape") is not None or tuple(manifest.get("downsample", (1, 1, 1))) != (1, 1, 1):
-        import functools
-
-        from gradcamo_jax.data.pipeline import centre_crop_and_bin
-
-        crop = manifest.get("crop_shape")
-        preprocess = functools.partial(centre_crop_and_bin, crop_shape=None if crop is None else tuple(crop),
-                                       downsample=tuple(manifest["downsample"]))
+    preprocess = overlay_preprocess(manifest)
     figs = figures_from_profiles(profiles, out, config, store=store, cam_rows=rows, cams=cams, preprocess=preprocess)
     diag = layer_diagnostics(profiles, manifest)
     head = {**diag, **headline(profiles, config.threshold), **(extra or {})}
@@ -486,4 +503,4 @@ def make_report(
 
 
 __all__ = ["ReportConfig", "cam_over_grey", "figures_from_profiles", "grey_image", "headline", "layer_diagnostics",
-           "make_report", "map_section", "pick_examples"]
+           "make_report", "map_section", "overlay_preprocess", "pick_examples"]

@@ -186,22 +186,24 @@ def cam_rows(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(np.int64))
 
 
-def _batches(store, start: int, stop: int, batch: int, prefetch: int, crop_shape=None, downsample=(1, 1, 1)
-             ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def _batches(store, start: int, stop: int, batch: int, prefetch: int, crop_shape=None, downsample=(1, 1, 1),
+             spatial_dims: int = 3) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(first row, images (b, Z, Y, X, C) float32, masks (b, Z, Y, X)) for rows [start, stop),
     read ahead in threads (zarr decoding releases the GIL), with the training run's centre
-    crop and binning applied per cell."""
+    crop and binning applied per cell; for a 2D model (`spatial_dims` 2) images (b, Y, X, C)
+    and masks (b, Y, X) (`pipeline.to_model_axes`, as in training)."""
+    from gradcamo_jax.data.pipeline import centre_crop_and_bin, to_model_axes
+
     starts = list(range(start, stop, batch))
 
     def read(s):
         e = min(s + batch, stop)
         images, masks = store.image[s:e].astype(np.float32), store.mask[s:e]
         if crop_shape is not None or tuple(downsample) != (1, 1, 1):
-            from gradcamo_jax.data.pipeline import centre_crop_and_bin
-
             pairs = [centre_crop_and_bin(i, m, crop_shape, downsample) for i, m in zip(images, masks)]
             images = np.stack([p[0] for p in pairs]).astype(np.float32)
             masks = np.stack([p[1] for p in pairs])
+        images, masks = to_model_axes(images, masks, spatial_dims)
         return s, images, masks
 
     with concurrent.futures.ThreadPoolExecutor(max(1, prefetch)) as pool:
@@ -232,7 +234,7 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
     on the crop before the transform, as the model's input would be).
 
     Returns ``(table, cam_rows, cams)``: the part's profile table; the sampled rows of this
-    part and their CAM volumes ``(M, Z, Y, X)`` float16 (M may be 0).
+    part and their CAM volumes ``(M, Z, Y, X)`` float16 (``(M, Y, X)`` for a 2D model; M may be 0).
     """
     from gradcamo_jax.data.pipeline import INFERENCE_REMEDIES, context_transform
 
@@ -247,7 +249,8 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
     targets = jax.device_put(np.full((batch,), -1, np.int32), sharding)
     cols: dict[str, list[np.ndarray]] = {}
     cams, cam_idx = [], []
-    for first, images, masks in _batches(store, rows[0], rows[1], batch, config.prefetch, crop_shape, downsample):
+    for first, images, masks in _batches(store, rows[0], rows[1], batch, config.prefetch, crop_shape, downsample,
+                                         model.config.spatial_dims):
         n = len(images)
         if not np.isfinite(images).all():
             bad = first + int(np.flatnonzero(~np.isfinite(images).reshape(n, -1).all(axis=1))[0])
@@ -412,7 +415,9 @@ def score_dataset(
     """Score every cell of a dataset (cells.parquet + crops.zarr) into Parquet parts; resumable.
 
     Args:
-      model: `EfficientNet` (BatchNorm in inference mode).
+      model: `EfficientNet` (BatchNorm in inference mode). A 2D model (``spatial_dims=2``, what
+        training picks for one-plane crops) scores the store's one-plane crops as ``(Y, X, C)``:
+        its CAM maps, masks and saved CAMs are 2D.
       variables: ``{"params", "batch_stats"}`` of a trained model.
       data_dir: the cell dataset folder (tools/crop.py output).
       out_dir: profile folder (created; an interrupted run's folder resumes).
@@ -445,7 +450,7 @@ def score_dataset(
             raise ValueError(f"{data_dir}: cells.parquet Metadata_Row is not 0…N-1 in order; re-run the crop merge")
     if len(store) != len(cells):
         raise ValueError(f"{data_dir}: {len(cells)} rows in cells.parquet but {len(store)} crops; re-run the crop merge")
-    from gradcamo_jax.data.pipeline import INFERENCE_REMEDIES, transform_shape
+    from gradcamo_jax.data.pipeline import INFERENCE_REMEDIES, model_input_shape, transform_shape
 
     remedy, factor = "none", 0.25
     if data_config is not None:
@@ -454,8 +459,10 @@ def score_dataset(
                 raise ValueError("score_dataset: crop_shape/downsample disagree with data_config; pass one or the other")
         crop_shape, downsample = data_config.crop_shape, tuple(data_config.downsample)
         remedy, factor = data_config.context_remedy, data_config.context_factor
-    # The spatial shape the model sees (its last axes: (Y, X) for a 2D model).
-    spatial = transform_shape(tuple(store.image.shape[1:]), crop_shape, downsample)[:-1][-model.config.spatial_dims:]
+    # The spatial shape the model sees: (Z, Y, X), or (Y, X) for a 2D model (trained on one-plane
+    # crops; a 2D model given deeper crops is an error that names the fixes, before any work).
+    spatial = model_input_shape(transform_shape(tuple(store.image.shape[1:]), crop_shape, downsample),
+                                model.config.spatial_dims)[:-1]
     if config.layer == "auto":
         config = dataclasses.replace(config, layer=default_layer(model.config, spatial))
     map_shape = check_layer_resolution(model.config, spatial, config.layer, config.allow_coarse_layer)
@@ -478,7 +485,7 @@ def score_dataset(
     if config.audit:
         from gradcamo_jax import audit
 
-        calib = next(_batches(store, 0, min(64, len(cells)), 64, 0, crop_shape, downsample))[1]
+        calib = next(_batches(store, 0, min(64, len(cells)), 64, 0, crop_shape, downsample, model.config.spatial_dims))[1]
         random_variables = audit.randomized_variables(dataclasses.replace(model.config, dtype="float32"),
                                                       jax.random.key(config.audit_seed), calib)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -570,7 +577,8 @@ def read_profiles(out_dir: str | os.PathLike, columns: Sequence[str] | None = No
 
 
 def read_cams(out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Saved CAM volumes of a profile folder: ``(rows (M,), cams (M, Z, Y, X) float16)``."""
+    """Saved CAM volumes of a profile folder: ``(rows (M,), cams (M, Z, Y, X) float16)``; a 2D
+    model's maps are ``(M, Y, X)``."""
     parts = sorted((Path(out_dir) / CAM_DIR).glob("part-*.zarr"))
     if not parts:
         return np.zeros((0,), np.int64), np.zeros((0, 0, 0, 0), np.float16)

@@ -7,8 +7,10 @@
     config, variables = load_checkpoint(workdir, "best")               # for scoring
 
 A batch is a dict of arrays with a leading batch axis: ``image`` ``(B, Z, Y, X, C)``
-float32, ``label`` ``(B,)`` int32, ``valid`` ``(B,)`` bool (False rows are padding and
-count for nothing), plus whatever else the pipeline carries (``mask``, ``index``).
+float32 (``(B, Y, X, C)`` for a 2D model), ``label`` ``(B,)`` int32, ``valid`` ``(B,)`` bool
+(False rows are padding and count for nothing), plus whatever else the pipeline carries
+(``mask``, ``index``). Crops with one plane (2D plates) train a 2D model:
+`model_config_for_crops` decides, from the data, before anything is built.
 
 Two strategies run the same per-device program: "jit" (one Mesh over every device of every
 process, `jax.jit` of a `jax.shard_map` over its ``"data"`` axis, the state donated) and
@@ -86,6 +88,56 @@ def training_model_config(config: TrainConfig) -> ModelConfig:
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return dataclasses.replace(config.model, dtype=dtype, bn_axis_name=sharding.DATA_AXIS)
+
+
+def _drop_plane_stride(stride):
+    """A stride setting of a 3D model for the 2D model of the same crops: an int stays (it
+    meant every axis); a per-axis ``(z, y, x)`` tuple loses its z entry, which had no effect
+    on one plane anyway (an axis of length 1 stays of length 1 whatever its stride)."""
+    if isinstance(stride, int):
+        return stride
+    stride = tuple(int(v) for v in stride)
+    return stride[1:] if len(stride) == 3 else stride
+
+
+def model_config_for_crops(model: ModelConfig, crop_shape: tuple[int, ...]) -> ModelConfig:
+    """The model to train on crops of `crop_shape` ``(Z, Y, X, C)`` (as the pipeline delivers
+    them, after ``DataConfig.crop_shape``/``downsample``): `model`, made 2D when the crops
+    have one plane.
+
+    Why here (the one place): the data decides. A plate imaged as one plane per site (most of
+    the Cell Painting Gallery, JUMP included) has Z = 1 crops. A 3D model would run on them,
+    but only the middle plane of each kernel ever meets data (the other taps read z padding,
+    dead weights that `models.conv` skips on CPU), and its CAM maps would be ``(1, Y, X)``:
+    it is a 2D model in disguise. So ``spatial_dims=3`` (the default) means "3D where the
+    crops have depth" and
+    becomes ``spatial_dims=2`` on one-plane crops, with per-axis strides losing their z entry
+    (`_drop_plane_stride`). `train_and_evaluate` saves the resolved config in
+    ``config.json`` and in every checkpoint, so scoring and the report rebuild the same 2D
+    model; the pipeline drops the plane axis (`pipeline.to_model_axes`).
+
+    Raises:
+      ValueError: ``spatial_dims=2`` asked for crops with more than one plane (the message
+        names the two fixes: a 3D model, or ``data.crop_shape=(1, Y, X)``).
+    """
+    from gradcamo_jax.data.pipeline import model_input_shape
+
+    z = int(crop_shape[0])
+    if model.spatial_dims == 2:
+        model_input_shape(tuple(crop_shape), 2)  # raises for Z > 1, naming the fixes
+        return model
+    if z != 1:
+        return model
+    strides = None if model.stage_strides is None else tuple(_drop_plane_stride(s) for s in model.stage_strides)
+    return dataclasses.replace(model, spatial_dims=2, stem_stride=_drop_plane_stride(model.stem_stride),
+                               stage_strides=strides)
+
+
+def config_for_data(config: TrainConfig, crop_shape: tuple[int, ...]) -> TrainConfig:
+    """`config` with its model resolved for crops of `crop_shape` ``(Z, Y, X, C)``
+    (`model_config_for_crops`); the same object when nothing changes (every 3D plate)."""
+    model = model_config_for_crops(config.model, crop_shape)
+    return config if model == config.model else dataclasses.replace(config, model=model)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -443,11 +495,14 @@ class _JsonlLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def evaluate(runner: Runner, state, source, data_config: DataConfig, num_classes: int) -> dict[str, Any]:
-    """`summarize_eval` over one pass of `source` (this process reads its rows of each batch)."""
+def evaluate(runner: Runner, state, source, data_config: DataConfig, num_classes: int,
+             spatial_dims: int = 3) -> dict[str, Any]:
+    """`summarize_eval` over one pass of `source` (this process reads its rows of each batch),
+    crops in the axes of a model with `spatial_dims`."""
     from gradcamo_jax.data import pipeline
 
-    ds = pipeline.eval_dataset(source, data_config, jax.process_index(), jax.process_count())
+    ds = pipeline.eval_dataset(source, data_config, jax.process_index(), jax.process_count(),
+                               spatial_dims=spatial_dims)
     total = None
     for batch in pipeline.make_iterator(ds, dataclasses.replace(data_config, worker_count=0)):
         sums = runner.eval_sums(state, runner.put_batch(batch))
@@ -464,7 +519,9 @@ def train_and_evaluate(
     """Train ``config`` on `data`, checkpointing to `workdir`; resume from its latest checkpoint.
 
     Args:
-      config: the run (see `TrainConfig`).
+      config: the run (see `TrainConfig`). Its model is resolved for the data first
+        (`config_for_data`: one-plane crops train a 2D model); the resolved config is the
+        one saved in ``config.json`` and the checkpoints.
       workdir: ``checkpoints/`` (orbax), ``log.jsonl`` and ``config.json`` go here.
       data: a cell dataset folder (``cells.parquet`` + ``crops.zarr``) or a
         `gradcamo_jax.data.pipeline.CellDataset` (e.g. from `dataset_from_arrays`).
@@ -472,8 +529,8 @@ def train_and_evaluate(
 
     Returns:
       ``{"step", "val": summarize_eval(...) | None, "state": TrainState (NumPy),
-      "steps_per_second", "cells_per_second"}`` — rates over the steps this call ran,
-      after the first (compilation).
+      "steps_per_second", "cells_per_second", "config"}`` — rates over the steps this call
+      ran, after the first (compilation); ``config`` is the resolved `TrainConfig`.
     """
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
@@ -482,10 +539,16 @@ def train_and_evaluate(
 
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
+    dataset = data if isinstance(data, pipeline.CellDataset) else pipeline.open_dataset(str(data), config.data)
+    resolved = config_for_data(config, dataset.input_shape)
+    if resolved.model.spatial_dims != config.model.spatial_dims:
+        log.info("crops %s have one plane: training a 2D model (model.spatial_dims=2)", dataset.input_shape)
+    config = resolved
+    # What the model takes: (Z, Y, X, C), or (Y, X, C) for a 2D model; also what load_checkpoint inits.
+    input_shape = pipeline.model_input_shape(dataset.input_shape, config.model.spatial_dims)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
-    dataset = data if isinstance(data, pipeline.CellDataset) else pipeline.open_dataset(str(data), config.data)
     if dataset.num_classes > config.model.num_classes:
         raise ValueError(
             f"the data has {dataset.num_classes} classes but model.num_classes={config.model.num_classes}; "
@@ -493,12 +556,13 @@ def train_and_evaluate(
         )
     mesh = sharding.make_mesh()
     runner = make_runner(config, mesh, class_weight_vector(config, dataset.class_counts("train")))
-    host_state = create_state(config, training_model_config(config), dataset.input_shape)
+    host_state = create_state(config, training_model_config(config), input_shape)
 
     manager = checkpoint_manager(workdir, config)
     it = pipeline.make_iterator(
         pipeline.train_dataset(
-            dataset.sources["train"], config.data, config.seed, jax.process_index(), jax.process_count()
+            dataset.sources["train"], config.data, config.seed, jax.process_index(), jax.process_count(),
+            spatial_dims=config.model.spatial_dims,
         ),
         config.data,
     )
@@ -519,7 +583,7 @@ def train_and_evaluate(
     logfile = _JsonlLog(workdir / LOG_FILE, start, is_main)
 
     def save(step: int, val: dict | None) -> None:
-        meta = {"config": config_to_dict(config), "input_shape": list(dataset.input_shape), "val": val}
+        meta = {"config": config_to_dict(config), "input_shape": list(input_shape), "val": val}
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -556,7 +620,8 @@ def train_and_evaluate(
             pause = time.perf_counter()
             val = None
             if len(dataset.sources["val"]):
-                val = evaluate(runner, state, dataset.sources["val"], config.data, config.model.num_classes)
+                val = evaluate(runner, state, dataset.sources["val"], config.data, config.model.num_classes,
+                               config.model.spatial_dims)
                 logfile.write({"step": done, "split": "val", **val, "time": time.time()})
             save(done, val)
             overhead += time.perf_counter() - pause
@@ -575,4 +640,5 @@ def train_and_evaluate(
         "state": runner.get_state(state),
         "steps_per_second": rate,
         "cells_per_second": rate * config.data.batch_size,
+        "config": config,
     }

@@ -85,7 +85,8 @@ class CropConfig:
     """Settings of the crop step.
 
     Attributes:
-      crop_size: crop (Z, Y, X) in voxels; the paper's 21×128×128 by default.
+      crop_size: crop (Z, Y, X) in voxels; the paper's 21×128×128 by default. Sites with one
+        plane (2D plates) are cropped to one plane whatever Z says (`site_crop_size`).
       percentiles: (low, high) percentiles mapped to 0 and 1, per site and channel.
       clip: clip normalised values to [0, 1].
       min_volume: labels with fewer voxels are dropped from the dataset (and counted).
@@ -298,6 +299,18 @@ def labels_path(row: dict, config: CropConfig) -> str:
     return path
 
 
+def site_crop_size(crop_size, field_shape) -> tuple[int, int, int]:
+    """The crop (Z, Y, X) cut from a site whose stack is `field_shape` (Z, Y, X): `crop_size`,
+    except that a one-plane site (a 2D plate) gives one-plane crops whatever ``crop_size[0]``.
+
+    Why: padding a 2D image with empty planes (the default 21×128×128 would add 20) makes a
+    3D crop of mostly zeros, and training picks a 2D model only for one-plane crops
+    (`gradcamo_jax.train.model_config_for_crops`). Stacks with depth keep `crop_size`, padded
+    in z as before."""
+    cz, cy, cx = (int(n) for n in crop_size)
+    return (1 if int(field_shape[0]) == 1 else cz, cy, cx)
+
+
 def _center_z(config: CropConfig, field_shape) -> bool:
     if config.center_z is None:
         return config.crop_size[0] < field_shape[0]
@@ -326,8 +339,9 @@ def process_site(row: dict, parts_dir: str | os.PathLike, config: CropConfig) ->
     normed = np.ascontiguousarray(np.moveaxis(normed, 1, -1))  # ZYXC: one slice per crop
     n = len(table)
     ids = table["Metadata_ObjectNumber"].to_numpy()
+    size = site_crop_size(config.crop_size, labels.shape)
     starts = crop_starts(table[["Metadata_Centroid_Z", "Metadata_Centroid_Y", "Metadata_Centroid_X"]].to_numpy(),
-                         config.crop_size, labels.shape, _center_z(config, labels.shape))
+                         size, labels.shape, _center_z(dataclasses.replace(config, crop_size=size), labels.shape))
     padded = np.zeros(n, bool)
     warning = None
     if n == 0:
@@ -339,11 +353,11 @@ def process_site(row: dict, parts_dir: str | os.PathLike, config: CropConfig) ->
     attrs = {"channels": list(config.channels), **config.crop_settings()}
     with formats.atomic_path(part) as tmp:
         tmp.mkdir(parents=True)
-        with formats.crop_store_writer(tmp / formats.CROPS_STORE, n, config.crop_size, len(config.channels),
+        with formats.crop_store_writer(tmp / formats.CROPS_STORE, n, size, len(config.channels),
                                        config.dtype, attrs) as writer:
             for s in range(0, n, config.write_batch):
                 e = min(s + config.write_batch, n)
-                image, mask, padded[s:e] = extract_crops(normed, labels, ids[s:e], starts[s:e], config.crop_size)
+                image, mask, padded[s:e] = extract_crops(normed, labels, ids[s:e], starts[s:e], size)
                 writer.write(s, image, mask)
         # The plate map's voxel-size columns come from physical_measures (parsed, NaN when unknown).
         phys = physical_measures(table, site_voxel_size(row))

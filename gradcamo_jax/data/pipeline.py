@@ -10,6 +10,13 @@ A *source* is anything with ``len(source)`` and ``source[i] -> dict`` holding
 (`ArraySource` in memory, `CropStoreSource` over ``crops.zarr``). Batches are the same
 dicts with a leading batch axis plus ``valid`` (bool, False on evaluation padding).
 
+Crops are stored and transformed as ``(Z, Y, X, C)`` whatever the plate; a 2D model
+(``ModelConfig.spatial_dims=2``, chosen by training for one-plane crops, see
+`gradcamo_jax.train.model_config_for_crops`) takes ``(Y, X, C)``. The plane axis is dropped
+in one function, `to_model_axes`, applied last wherever a stored crop becomes the model's
+input: the training and evaluation loaders here (``spatial_dims=`` of `train_dataset` /
+`eval_dataset`), scoring's batches and the report's overlays.
+
 Determinism, independent of the number of processes and workers: the training stream is
 ``MapDataset.range(n).shuffle(seed).repeat()`` (a new permutation every epoch); global
 batch ``t`` is stream positions ``[t*B, (t+1)*B)``; process ``p`` of ``P`` reads positions
@@ -158,7 +165,8 @@ class CellDataset:
       sources: split name → source of that split's cells.
       cells: the cell table with a ``split`` column added.
       num_classes: 1 + the largest class index in the table.
-      input_shape: ``(Z, Y, X, C)`` of a crop after `DataConfig.crop_shape`/`downsample`.
+      input_shape: ``(Z, Y, X, C)`` of a crop after `DataConfig.crop_shape`/`downsample`
+        (a model's input: `model_input_shape`).
     """
 
     sources: Mapping[str, CellSource]
@@ -213,6 +221,57 @@ def transform_shape(shape: tuple[int, ...], crop_shape: tuple[int, int, int] | N
     """``(Z, Y, X, C)`` after `centre_crop_and_bin` with the same `crop_shape` and `downsample`."""
     spatial = tuple(shape[:3]) if crop_shape is None else tuple(min(a, b) for a, b in zip(crop_shape, shape[:3]))
     return (*(s // d for s, d in zip(spatial, downsample)), shape[3])
+
+
+def model_input_shape(shape: tuple[int, ...], spatial_dims: int = 3) -> tuple[int, ...]:
+    """The input shape (no batch axis) a model with `spatial_dims` gets from crops of `shape`.
+
+    Args:
+      shape: ``(Z, Y, X, C)`` of a crop as the pipeline delivers it (after `transform_shape`).
+      spatial_dims: ``ModelConfig.spatial_dims``.
+
+    Returns:
+      ``(Z, Y, X, C)`` for a 3D model; ``(Y, X, C)`` for a 2D one.
+
+    Raises:
+      ValueError: a 2D model and crops with more than one plane (the message names both fixes).
+    """
+    shape = tuple(int(n) for n in shape)
+    if spatial_dims == 3:
+        return shape
+    if spatial_dims != 2 or len(shape) != 4:
+        raise ValueError(f"model_input_shape: expected crops (Z, Y, X, C) and spatial_dims 2 or 3, got {shape}, {spatial_dims}")
+    z, y, x, _ = shape
+    if z != 1:
+        # Dropping planes silently would score a 3D cell by one slice; the user must choose.
+        raise ValueError(
+            f"a 2D model (model.spatial_dims=2) sees one plane per cell, but these crops have Z={z} planes "
+            f"(crop {'×'.join(map(str, shape[:3]))}); use a 3D model (model.spatial_dims=3), or keep each crop's "
+            f"middle plane with data.crop_shape=(1, {y}, {x})"
+        )
+    return shape[1:]
+
+
+def to_model_axes(image, mask, spatial_dims: int = 3):
+    """Crops in the axes of a model with `spatial_dims`: the plane axis dropped for a 2D model.
+
+    Args:
+      image: ``(..., Z, Y, X, C)`` crops (any leading batch axes), NumPy or JAX.
+      mask: ``(..., Z, Y, X)`` codes, the same leading axes.
+      spatial_dims: ``ModelConfig.spatial_dims``. 3: both returned as they are. 2: Z must be 1
+        (`model_input_shape` raises otherwise) and image ``(..., Y, X, C)``, mask ``(..., Y, X)``
+        come back (views, no copy).
+
+    Axes are indexed from the end so one crop and a batch of crops take the same path; this
+    is the only place the plane axis is dropped, so training, scoring and the report's
+    overlays see the same (Y, X) grid.
+    """
+    if spatial_dims == 3:
+        return image, mask
+    model_input_shape(tuple(image.shape[-4:]), spatial_dims)  # checks Z == 1
+    if tuple(mask.shape) != tuple(image.shape[:-1]):
+        raise ValueError(f"mask shape {tuple(mask.shape)} != image shape {tuple(image.shape)} without its channel axis")
+    return image[..., 0, :, :, :], mask[..., 0, :, :]
 
 
 def centre_crop_and_bin(image: np.ndarray, mask: np.ndarray, crop_shape: tuple[int, int, int] | None = None,
@@ -394,6 +453,7 @@ class _LoadTrain:
     config: DataConfig
     seed: int
     donors: np.ndarray | None = None  # "randomize": positions of control cells in `source`
+    spatial_dims: int = 3  # the model's; 2 drops the plane axis (`to_model_axes`), after every transform
 
     def __call__(self, g: int) -> dict[str, Any]:
         cfg = self.config
@@ -414,6 +474,7 @@ class _LoadTrain:
             image, _ = randomize_context(image, mask, rng, cfg, donor)
         image, mask = augment(image, mask, np.random.default_rng((self.seed, int(g))), cfg)
         image = context_transform(image, mask, cfg.context_remedy, cfg.context_factor)
+        image, mask = to_model_axes(image, mask, self.spatial_dims)
         return {**ex, "image": image, "mask": mask, "valid": np.bool_(True)}
 
 
@@ -423,15 +484,17 @@ class _LoadEval:
 
     source: Any
     config: DataConfig
+    spatial_dims: int = 3  # the model's; 2 drops the plane axis (`to_model_axes`)
 
     def __call__(self, g: int) -> dict[str, Any]:
         g = int(g)
         ex = self.source[min(g, len(self.source) - 1)]
         image, mask = centre_crop_and_bin(ex["image"], ex["mask"], self.config.crop_shape, self.config.downsample)
         if g >= len(self.source):
-            return {"image": np.zeros_like(image), "mask": np.zeros_like(mask), "label": np.int32(0),
-                    "index": np.int64(-1), "valid": np.bool_(False)}
+            image, mask = to_model_axes(np.zeros_like(image), np.zeros_like(mask), self.spatial_dims)
+            return {"image": image, "mask": mask, "label": np.int32(0), "index": np.int64(-1), "valid": np.bool_(False)}
         image = context_transform(image, mask, self.config.context_remedy, self.config.context_factor)
+        image, mask = to_model_axes(image, mask, self.spatial_dims)
         return {**ex, "image": np.ascontiguousarray(image), "mask": np.ascontiguousarray(mask), "valid": np.bool_(True)}
 
 
@@ -443,7 +506,8 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
 
 
 def train_dataset(
-    source: CellSource, config: DataConfig, seed: int, process_index: int = 0, process_count: int = 1
+    source: CellSource, config: DataConfig, seed: int, process_index: int = 0, process_count: int = 1,
+    *, spatial_dims: int = 3,
 ) -> grain.MapDataset:
     """Endless training batches for one process: dicts of ``(B/P, ...)`` arrays (see module doc).
 
@@ -451,6 +515,8 @@ def train_dataset(
     ``(source, config, seed, t)``. ``config.context_remedy`` applies: "randomize" replaces
     the context of some crops (`randomize_context`, donors = the split's control cells,
     stream ``(seed, g, 1)``); "mask"/"attenuate" transform every crop (`context_transform`).
+    `spatial_dims` is the model's: with 2, images come as ``(B/P, Y, X, C)`` and masks as
+    ``(B/P, Y, X)`` (`to_model_axes`, after the augmentations, which act on (Z, Y, X) crops).
     """
     if len(source) == 0:
         raise ValueError("the training split is empty")
@@ -461,17 +527,19 @@ def train_dataset(
         donors = control_positions(source, config.control_class)
     # Enough positions for 2**40 global batches: endless in practice, finite for grain.
     positions = _local_positions(b * 2**40, config.batch_size, process_index, process_count)
-    return positions.map(_LoadTrain(source, order, config, seed, donors)).batch(b, drop_remainder=True)
+    return positions.map(_LoadTrain(source, order, config, seed, donors, spatial_dims)).batch(b, drop_remainder=True)
 
 
-def eval_dataset(source: CellSource, config: DataConfig, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def eval_dataset(source: CellSource, config: DataConfig, process_index: int = 0, process_count: int = 1,
+                 *, spatial_dims: int = 3) -> grain.MapDataset:
     """One pass over `source` in order, as this process's part of global batches of
     ``config.eval_batch_size``; the last global batch is padded with ``valid=False`` rows.
-    Crops get the remedy's inference transform (`context_transform`), no augmentation."""
+    Crops get the remedy's inference transform (`context_transform`), no augmentation, and
+    the axes of a model with `spatial_dims` (`to_model_axes`)."""
     b = local_batch_size(config.eval_batch_size, process_count)
     n_batches = max(1, -(-len(source) // config.eval_batch_size))
     positions = _local_positions(n_batches * b, config.eval_batch_size, process_index, process_count)
-    return positions.map(_LoadEval(source, config)).batch(b, drop_remainder=True)
+    return positions.map(_LoadEval(source, config, spatial_dims)).batch(b, drop_remainder=True)
 
 
 def make_iterator(ds: grain.MapDataset, config: DataConfig) -> grain.DatasetIterator:

@@ -102,7 +102,8 @@ class SynthConfig:
       wells_per_dose: wells per class (control included).
       sites_per_well: imaged fields per well.
       plate: Metadata_Plate.
-      field_shape: (Z, Y, X) of each site's stack.
+      field_shape: (Z, Y, X) of each site's stack; Z = 1 writes a 2D plate (one plane per
+        site, as most of the Cell Painting Gallery), which trains a 2D model.
       cell_radius: mean semi-axes (z, y, x) of a cell.
       radius_jitter: relative s.d. of each cell's semi-axes.
       nucleus_scale: nucleus semi-axes as a fraction of the cell's.
