@@ -116,9 +116,9 @@ def pytest_collection_modifyitems(config, items):
 # Files by their share of `make test` (slowest first; measured with --durations, 2 workers),
 # the rest in collection order after them. Only the order changes, never what runs.
 LONGEST_FIRST = (
-    "test_cam.py", "test_train.py", "test_regularizer.py", "test_segment.py", "test_demo.py",
-    "test_learning.py", "test_scoring.py", "test_remedies.py", "test_sharding.py", "test_audit.py",
-    "test_model.py", "test_twin.py", "test_accelerator_check.py", "test_conv.py", "test_report.py",
+    "test_segment.py", "test_regularizer.py", "test_train.py", "test_demo.py", "test_sharding.py",
+    "test_cam.py", "test_scoring.py", "test_remedies.py", "test_twin.py", "test_model.py", "test_conv.py",
+    "test_learning.py", "test_audit.py", "test_2d_plates.py", "test_report.py", "test_accelerator_check.py",
 )
 
 
