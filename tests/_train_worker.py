@@ -1,15 +1,13 @@
 """Subprocess worker for the training tests (device counts and distributed start-up must be
 fixed before JAX starts, and kills must hit a real process).
 
-    python tests/_train_worker.py steps  --out PREFIX [--runs jit:1,jit:8,pmap:8] [--steps N]
-    python tests/_train_worker.py distributed --out P.npz --process-id I --num-processes N --port PORT
     python tests/_train_worker.py train  --workdir W --out P.npz [--slow-after S] [--crash-in-save STEP]
     python tests/_train_worker.py plate  --workdir W [--steps N] [--signal cell=2] [--sites 4]
 
 The parent sets XLA_FLAGS (fake CPU devices) and the compilation cache in the environment.
-`steps`, `distributed` and `train` build the same small learnable in-memory dataset
-(`make_dataset`; `train` at the smaller TRAIN_SHAPE) and save the final parameters as
-``leaf_<i>`` arrays in tree-flatten order; `plate` trains on a synthetic plate written to disk.
+`train` builds a small learnable in-memory dataset (`make_dataset` at TRAIN_SHAPE; the
+sharding worker, tests/_sharding_worker.py, uses it at SHAPE) and saves the final parameters
+as ``leaf_<i>`` arrays in tree-flatten order; `plate` trains on a synthetic plate written to disk.
 """
 
 from __future__ import annotations
@@ -82,54 +80,6 @@ def save_params(path: str, params) -> None:
 
     leaves = jax.tree.leaves(params)
     np.savez(path, **{f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
-
-
-def run_steps(config, mesh, num_steps: int):
-    """`num_steps` steps of `config.strategy` on `mesh`, fed by the real pipeline; host params."""
-    import jax
-
-    from gradcamo_jax import train
-    from gradcamo_jax.data import pipeline
-
-    data = make_dataset(config.data)
-    runner = train.make_runner(config, mesh, np.ones(CLASSES, np.float32))
-    state = runner.put_state(train.create_state(config, train.training_model_config(config), data.input_shape))
-    ds = pipeline.train_dataset(data.sources["train"], config.data, config.seed, jax.process_index(), jax.process_count())
-    for t in range(num_steps):
-        state, _ = runner.step(state, runner.put_batch(ds[t]))
-    return runner.get_state(state).params
-
-
-def cmd_steps(args) -> None:
-    """Each run "STRATEGY:K" trains on the first K devices (pmap: all local devices) and saves
-    ``<out>_<strategy>_<K>.npz``; one process, so the initialisation compiles once."""
-    import jax
-
-    from gradcamo_jax import sharding, train
-
-    config = train_config()
-    data = make_dataset(config.data)
-    init = train.create_state(config, train.training_model_config(config), data.input_shape)
-    save_params(f"{args.out}_init.npz", init.params)
-    for run in args.runs.split(","):
-        strategy, k = run.split(":")
-        mesh = sharding.make_mesh(jax.devices()[: int(k)])
-        t = time.perf_counter()
-        params = run_steps(train_config(strategy=strategy), mesh, args.steps)
-        print(f"{run}: {time.perf_counter() - t:.1f} s", flush=True)
-        save_params(f"{args.out}_{strategy}_{k}.npz", params)
-
-
-def cmd_distributed(args) -> None:
-    from gradcamo_jax import sharding
-
-    sharding.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
-    import jax
-
-    assert jax.process_count() == args.num_processes, jax.process_count()
-    params = run_steps(train_config(), sharding.make_mesh(), args.steps)
-    if jax.process_index() == 0:
-        save_params(args.out, params)
 
 
 def _crash_in_save(step: int) -> None:
@@ -215,16 +165,6 @@ def main() -> None:
     absl.flags.FLAGS.mark_as_parsed()
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("steps")
-    s.add_argument("--out", required=True)
-    s.add_argument("--runs", default="jit:1,jit:8,pmap:8", help="comma-separated STRATEGY:DEVICES")
-    s.add_argument("--steps", type=int, default=3)
-    d = sub.add_parser("distributed")
-    d.add_argument("--out", required=True)
-    d.add_argument("--process-id", type=int, required=True)
-    d.add_argument("--num-processes", type=int, required=True)
-    d.add_argument("--port", type=int, required=True)
-    d.add_argument("--steps", type=int, default=3)
     t = sub.add_parser("train")
     t.add_argument("--workdir", required=True)
     t.add_argument("--out", required=True)
@@ -240,7 +180,7 @@ def main() -> None:
     q.add_argument("--signal", default="cell")
     q.add_argument("--sites", type=int, default=2)
     args = p.parse_args()
-    {"steps": cmd_steps, "distributed": cmd_distributed, "train": cmd_train, "plate": cmd_plate}[args.cmd](args)
+    {"train": cmd_train, "plate": cmd_plate}[args.cmd](args)
 
 
 if __name__ == "__main__":
