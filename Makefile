@@ -27,8 +27,10 @@ lint: $(STAMP)
 
 # Two test processes (pytest-xdist), each file in one of them so its fixtures are built once.
 # The suite is compile-bound and XLA:CPU compiles mostly on one thread, so two processes use both cores.
+# --no-loadscope-reorder: files go out in collection order, which tests/conftest.py sets longest
+# first (xdist's default reorder sends the files with the most tests first, not the longest).
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(PYTEST) tests

@@ -106,8 +106,8 @@ def pytest_collection_modifyitems(config, items):
         fast = getattr(item.module, "FAST", None)
         if fast is not None and item.name not in fast and item.originalname not in fast:
             item.add_marker(slow)
-    # Longest files first: pytest-xdist (--dist loadfile) hands out whole files in collection
-    # order, so a long file collected last (alphabetically: test_train) ran alone at the end.
+    # Longest files first: with --no-loadscope-reorder (the Makefile) pytest-xdist's loadfile
+    # hands out whole files in collection order, so the long ones no longer end the run alone.
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
