@@ -174,8 +174,7 @@ class SegmentConfig:
 
 # ----------------------------------------------------------------------------- physical voxel size
 
-VOXEL_COLUMNS = ("Metadata_PhysicalSizeZ", "Metadata_PhysicalSizeY", "Metadata_PhysicalSizeX")
-"""Plate-map columns with each site's voxel size in µm (`gradcamo import` writes them; NaN = unknown)."""
+VOXEL_COLUMNS = formats.PHYSICAL_SIZE_COLUMNS
 
 
 def _sig(v: float) -> float:

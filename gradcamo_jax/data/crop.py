@@ -194,8 +194,7 @@ def measure_cells(labels: np.ndarray) -> pd.DataFrame:
     })
 
 
-PHYSICAL_SIZE_COLUMNS = ("Metadata_PhysicalSizeZ", "Metadata_PhysicalSizeY", "Metadata_PhysicalSizeX")
-"""Plate-map columns with a site's voxel size (z, y, x) in µm (`gradcamo import` writes them)."""
+PHYSICAL_SIZE_COLUMNS = formats.PHYSICAL_SIZE_COLUMNS
 
 
 def site_voxel_size(row: dict) -> np.ndarray:

@@ -92,6 +92,9 @@ SITE_KEY: tuple[str, str, str] = ("Metadata_Plate", "Metadata_Well", "Metadata_S
 PLATE_MAP_COLUMNS: tuple[str, ...] = SITE_KEY + ("Metadata_Treatment", "Metadata_Dose", "FileName_Image")
 """Required plate-map columns. Optional: FileName_Labels and any other Metadata_*."""
 
+PHYSICAL_SIZE_COLUMNS: tuple[str, ...] = ("Metadata_PhysicalSizeZ", "Metadata_PhysicalSizeY", "Metadata_PhysicalSizeX")
+"""Optional plate-map columns: a site's voxel size (z, y, x) in µm (`gradcamo import` writes them; NaN = unknown)."""
+
 CELLS_FILE = "cells.parquet"
 CROPS_STORE = "crops.zarr"
 

@@ -2064,8 +2064,8 @@ def import_plate(
             row["Metadata_Dose"] = float(dose) if np.isfinite(dose) else 0.0
         row["FileName_Image"] = site.site_id + SITE_SUFFIX
         row["Metadata_Layout"] = layout
-        for a, v in zip("ZYX", r.voxel_size):
-            row[f"Metadata_PhysicalSize{a}"] = np.nan if v is None else v
+        for col, v in zip(formats.PHYSICAL_SIZE_COLUMNS, r.voxel_size):
+            row[col] = np.nan if v is None else v
         for k, v in r.metadata.items():
             row.setdefault(k, v)
         rows.append(row)
