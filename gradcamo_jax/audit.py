@@ -14,6 +14,10 @@ explanation a floor to beat:
   (`context_reliance_index`).
 * **Fill sanity** (`fill_sanity`): how much a fill by itself moves control cells, whose
   context carries no treatment signal. A fill that moves them is too strong to read.
+* **Interchange** (`interchange`, `model_interchange`): the cell on the context of a donor
+  of another class, and the donor's cell on this cell's context; how far the prediction
+  follows each, as a share of the distance between the two crops' predictions, and an
+  index from the two (`interchange_index`). Free of the model's confidence, and no fill.
 * **Model randomisation** (`randomized_variables`, `random_baseline`; Adebayo et al. 2018):
   Grad-CAMO of the same architecture with random weights on the same crops, and the
   trained model's Grad-CAMO corrected for it (`corrected_gradcamo`).
@@ -640,6 +644,204 @@ def fill_sanity(logits_fn: LogitsFn, images, masks, control_class: int, *, key,
     )
 
 
+# ----------------------------------------------------------------------------- interchange
+
+
+def interchange_composites(image: jax.Array, mask: jax.Array, donor: jax.Array, donor_mask: jax.Array
+                           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The two composites of one cell and one donor crop; pure, jit- and vmap-able.
+
+    ``U`` = the union of the two central cells (code 1 in ``mask`` or in ``donor_mask``):
+
+    * context swap: ``U`` from ``image``, everything else from ``donor`` — this cell, with
+      whatever surrounds it inside the donor's cell outline, on the donor's context;
+    * cell swap: ``U`` from ``donor``, everything else from ``image`` — the donor's cell on
+      this cell's context.
+
+    Taking the union (not this cell's outline alone) keeps every voxel of the donor's own
+    cell out of the context swap, so a model that reads only the central cell sees no
+    donor cell there. Each composite's mask follows the same rule as its voxels (the codes
+    of the crop each voxel came from).
+
+    Args:
+      image, donor: ``(Z, Y, X, C)`` (2D: ``(Y, X, C)``) crops, channels last.
+      mask, donor_mask: ``(Z, Y, X)`` (2D: ``(Y, X)``) codes 1 cell, 2 other cells, 0 background.
+
+    Returns:
+      ``(context_swap, context_swap_mask, cell_swap, cell_swap_mask)``; every voxel is a
+      bit-identical copy from ``image`` or ``donor`` (``donor`` cast to ``image``'s dtype).
+    """
+    if mask.shape != image.shape[:-1] or donor.shape != image.shape or donor_mask.shape != mask.shape:
+        raise ValueError(f"interchange needs image, donor (*S, C) and masks (*S) of one shape; got image "
+                         f"{image.shape}, mask {mask.shape}, donor {donor.shape}, donor_mask {donor_mask.shape}")
+    union = (mask == CENTRAL) | (donor_mask == CENTRAL)
+    donor = donor.astype(image.dtype)
+    donor_mask = donor_mask.astype(mask.dtype)
+    u = union[..., None]
+    return (jnp.where(u, image, donor), jnp.where(union, mask, donor_mask),
+            jnp.where(u, donor, image), jnp.where(union, donor_mask, mask))
+
+
+@struct.dataclass
+class InterchangeResult:
+    """Context and cell swaps of N cells with D donors each (`interchange`).
+
+    With ``a`` the class predicted for the cell, ``b`` the class predicted for a donor and
+    ``m(x) = logit_b(x) − logit_a(x)`` (= log p(b|x) − log p(a|x)), per (cell, donor):
+    ``span = m(donor) − m(cell)`` (≥ 0: how far apart the model puts the two crops),
+    ``shift_context = m(context swap) − m(cell)``, ``shift_cell = m(cell swap) − m(cell)``.
+
+    Attributes:
+      predicted: ``(N,)`` int32 class of each cell's crop as it is.
+      donor_predicted: ``(N, D)`` int32 class of each donor crop.
+      valid: ``(N, D)`` bool, the donor is predicted another class (``b ≠ a``); pairs of one
+        class have no direction to follow and are left out of every sum.
+      span, shift_context, shift_cell: ``(N, D)`` float32, see above.
+      follow_context: ``(N,)`` ``Σ shift_context / Σ span`` over valid donors: the share of
+        the way from this cell's prediction to the donors' that the model goes when only
+        the context is the donor's. 0 = the context does not matter, 1 = the prediction
+        follows the context entirely. Can leave [0, 1] (overshoot, or a move away). NaN
+        where no donor is valid.
+      follow_cell: ``(N,)`` the same for the cell swap (1 = the prediction follows the cell).
+      index: ``(N,)`` interchange context-reliance index in [0, 1], see `interchange`.
+      undefined: ``(N,)`` bool, no valid donor or no follow above eps (index NaN).
+    """
+
+    predicted: jax.Array
+    donor_predicted: jax.Array
+    valid: jax.Array
+    span: jax.Array
+    shift_context: jax.Array
+    shift_cell: jax.Array
+    follow_context: jax.Array
+    follow_cell: jax.Array
+    index: jax.Array
+    undefined: jax.Array
+
+    def __len__(self) -> int:
+        return int(self.predicted.shape[0])
+
+
+def interchange_index(follow_context: jax.Array, follow_cell: jax.Array, eps: float = 1e-3
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Interchange context-reliance index ``(N,)`` from two follow fractions ``(N,)``.
+
+    With ``c(f) = min(f, 1) if f > eps else 0`` (a follow at or below `eps`, or a move
+    away from the donor, is no evidence; an overshoot counts as a full follow)::
+
+        index = c(follow_context) / (c(follow_context) + c(follow_cell))
+
+    0 = the prediction follows the cell and not the context, 1 = the context and not the
+    cell, 0.5 = both equally. Both ``c`` = 0, or a NaN follow: NaN and ``undefined``.
+    Returns ``(index, undefined)``.
+    """
+    ctx = jnp.where(follow_context > eps, jnp.minimum(follow_context, 1), 0)
+    cell = jnp.where(follow_cell > eps, jnp.minimum(follow_cell, 1), 0)
+    total = ctx + cell
+    undefined = ~(total > 0) | jnp.isnan(follow_context) | jnp.isnan(follow_cell)
+    return jnp.where(undefined, jnp.nan, ctx / jnp.where(undefined, 1, total)), undefined
+
+
+@functools.partial(jax.jit, static_argnames=("eps",))
+def _interchange_jit(logits_fn, images, masks, donors, donor_masks, *, eps: float):
+    n, d = donors.shape[:2]
+    per_cell = jax.vmap(interchange_composites, in_axes=(None, None, 0, 0))
+    ctx, ctx_m, cell, cell_m = jax.vmap(per_cell)(images, masks, donors, donor_masks)
+    # One forward, cell-major: original, D donors, D context swaps, D cell swaps.
+    x = jnp.concatenate([images[:, None], donors.astype(images.dtype), ctx, cell], axis=1)
+    m = jnp.concatenate([masks[:, None], donor_masks.astype(masks.dtype), ctx_m, cell_m], axis=1)
+    v = 1 + 3 * d
+    logits = logits_fn(x.reshape(n * v, *images.shape[1:]), m.reshape(n * v, *masks.shape[1:]))
+    logits = logits.reshape(n, v, -1).astype(jnp.promote_types(logits.dtype, jnp.float32))
+    a = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)  # (N,)
+    b = jnp.argmax(logits[:, 1:1 + d], axis=-1).astype(jnp.int32)  # (N, D)
+    # Logit differences, not log-probabilities: the log-softmax normaliser cancels, and a
+    # logit that does not change gives a shift of exactly 0.
+    la = jnp.take_along_axis(logits, jnp.broadcast_to(a[:, None, None], (n, v, 1)), axis=-1)[..., 0]  # (N, V)
+    lb = jnp.take_along_axis(logits[:, None, :, :], b[:, :, None, None], axis=-1)[..., 0]  # (N, D, V)
+    margin = lb - la[:, None, :]  # (N, D, V): m of every crop of the row, for donor k's class
+    idx = jnp.arange(d)
+    m0 = margin[:, :, 0]
+    span = margin[:, idx, 1 + idx] - m0
+    shift_ctx = margin[:, idx, 1 + d + idx] - m0
+    shift_cell = margin[:, idx, 1 + 2 * d + idx] - m0
+    valid = b != a[:, None]
+    total = jnp.sum(jnp.where(valid, span, 0), axis=1)
+    ok = total > 0
+    safe = jnp.where(ok, total, 1)
+    follow_ctx = jnp.where(ok, jnp.sum(jnp.where(valid, shift_ctx, 0), axis=1) / safe, jnp.nan)
+    follow_cell = jnp.where(ok, jnp.sum(jnp.where(valid, shift_cell, 0), axis=1) / safe, jnp.nan)
+    index, undefined = interchange_index(follow_ctx, follow_cell, eps)
+    return InterchangeResult(predicted=a, donor_predicted=b, valid=valid, span=span, shift_context=shift_ctx,
+                             shift_cell=shift_cell, follow_context=follow_ctx, follow_cell=follow_cell,
+                             index=index, undefined=undefined)
+
+
+def interchange(logits_fn: LogitsFn, images, masks, donors, donor_masks, *, eps: float = 1e-3,
+                batch_size: int | None = None) -> InterchangeResult:
+    """Does each cell's prediction follow its cell or its context? Context and cell swaps
+    with donors of other classes (a per-cell form of the "mixed-next" background test of
+    Xiao et al., ICLR 2021).
+
+    Fills (`reliance`) ask what is lost when a region is *removed*; for a context whose
+    evidence is an absence (a control cell's plain background) removal says nothing, and
+    drops in nats grow with the model's confidence, so they rank confident models above
+    unsure ones whatever they read. A swap puts *another class's* context (or cell) in
+    place and measures how far the prediction moves toward that class, as a share of the
+    distance between the two crops' predictions (`InterchangeResult`): free of the
+    model's confidence, and every voxel shown is a real voxel of one of two crops
+    (`interchange_composites`; the seam between them is the only artefact).
+
+    Choose donors the model predicts as other classes than the cell (e.g. cells of each
+    other class from training wells): a donor predicted as the cell's own class is left
+    out (``valid``), and a cell with no valid donor gets NaN.
+
+    Args:
+      logits_fn: ``(images (B, *S, C), masks (B, *S)) -> logits (B, K)`` (`efficientnet_logits`
+        for a model); it gets each composite with the composite's mask.
+      images: ``(N, Z, Y, X, C)`` (2D: ``(N, Y, X, C)``) float crops, channels last.
+      masks: ``(N, Z, Y, X)`` (2D: ``(N, Y, X)``) codes 1 cell, 2 other cells, 0 background.
+      donors: ``(N, D, *S, C)``: cell i is swapped with each of ``donors[i]``.
+      donor_masks: ``(N, D, *S)`` the donors' codes (1 = the donor's own central cell).
+      eps: follows at or below it count as none in the index (`interchange_index`).
+      batch_size: cells per forward (a forward holds ``batch_size · (1 + 3·D)`` crops);
+        None = all at once.
+
+    Returns:
+      `InterchangeResult`; ``index`` (0 = follows the cell, 1 = follows the context) is
+      `interchange_index` of ``follow_context`` and ``follow_cell``.
+    """
+    images, masks = jnp.asarray(images), jnp.asarray(masks)
+    donors, donor_masks = jnp.asarray(donors), jnp.asarray(donor_masks)
+    _check_batch(images, masks, None, None)
+    n = images.shape[0]
+    if donors.ndim != images.ndim + 1 or donors.shape[0] != n or tuple(donors.shape[2:]) != tuple(images.shape[1:]):
+        raise ValueError(f"donors have shape {tuple(donors.shape)}; expected (N, D, *S, C) = ({n}, D, "
+                         f"{', '.join(map(str, images.shape[1:]))})")
+    if tuple(donor_masks.shape) != tuple(donors.shape[:-1]):
+        raise ValueError(f"donor_masks have shape {tuple(donor_masks.shape)}; expected {tuple(donors.shape[:-1])} "
+                         "(the donors' shape without the channel axis)")
+    if donors.shape[1] < 1:
+        raise ValueError("interchange needs at least one donor per cell")
+    fn = _as_partial(logits_fn)
+    parts = []
+    for idx, valid in _chunks(n, batch_size):
+        out = _interchange_jit(fn, images[idx], masks[idx], donors[idx], donor_masks[idx], eps=float(eps))
+        parts.append(jax.tree.map(lambda a, valid=valid: a[:valid], out))
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+
+
+def model_interchange(model: EfficientNet, variables, images, masks, donors, donor_masks, *, eps: float = 1e-3,
+                      batch_size: int | None = None) -> InterchangeResult:
+    """`interchange` of an `EfficientNet` with ``{"params", "batch_stats"}`` `variables`
+    (BatchNorm in inference mode); arguments and shapes as `interchange`."""
+    check_images(jnp.asarray(images), model.config)
+    return interchange(efficientnet_logits(model, variables), images, masks, donors, donor_masks, eps=eps,
+                       batch_size=batch_size)
+
+
 # ----------------------------------------------------------------------------- randomisation
 
 
@@ -744,6 +946,7 @@ __all__ = [
     "REGIONS",
     "FillSanity",
     "FillSettings",
+    "InterchangeResult",
     "RandomBaseline",
     "RelianceResult",
     "RelianceSettings",
@@ -755,6 +958,10 @@ __all__ = [
     "blur_matrix",
     "cell_keys",
     "gaussian_blur",
+    "interchange",
+    "interchange_composites",
+    "interchange_index",
+    "model_interchange",
     "model_reliance",
     "random_baseline",
     "randomized_variables",

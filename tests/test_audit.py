@@ -407,3 +407,141 @@ def test_corrected_gradcamo_definition():
     c, undefined = corrected_gradcamo(g, r)
     np.testing.assert_allclose(np.asarray(c), [0.5, -0.5, 0.0, 1.0, -1.0, 0.0, np.nan, np.nan], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(undefined), [False] * 6 + [True, True])
+
+
+# ----------------------------------------------------------------------------- interchange
+
+
+def test_interchange_composites_take_each_voxel_from_one_crop():
+    """Against the rule written out in NumPy: inside the union of the two central cells the
+    context swap is the cell's crop and the cell swap the donor's, outside the reverse; masks
+    follow their voxels. 3D, different masks, donor of another dtype (cast, not rounded)."""
+    rng = np.random.default_rng(3)
+    masks = blob_masks(2, (5, 18, 16), seed=4)
+    image = rng.normal(size=(5, 18, 16, 2)).astype(np.float32)
+    donor = rng.normal(size=(5, 18, 16, 2))  # float64
+    ctx, ctx_m, cell, cell_m = jax.jit(audit.interchange_composites)(image, masks[0], donor, masks[1])
+    union = (masks[0] == 1) | (masks[1] == 1)
+    assert union.any() and (~union).any() and ((masks[0] == 1) != (masks[1] == 1)).any()
+    d32 = donor.astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(ctx), np.where(union[..., None], image, d32))
+    np.testing.assert_array_equal(np.asarray(cell), np.where(union[..., None], d32, image))
+    np.testing.assert_array_equal(np.asarray(ctx_m), np.where(union, masks[0], masks[1]))
+    np.testing.assert_array_equal(np.asarray(cell_m), np.where(union, masks[1], masks[0]))
+    assert np.asarray(ctx).dtype == np.float32
+    # The context swap holds no voxel of the donor's own cell; the cell swap all of it.
+    assert not ((np.asarray(ctx_m) == 1) & (masks[1] == 1) & (masks[0] != 1)).any()
+    np.testing.assert_array_equal(np.asarray(cell)[masks[1] == 1], d32[masks[1] == 1])
+
+
+def _region_logits(alpha: float, beta: float):
+    """Two classes, ``logit_0 = α·mean(ch 0 over the cell) + β·mean(ch 0 over the background)``,
+    ``logit_1 = 0``: a model whose reliance on cell and background is known in closed form."""
+
+    def fn(images, masks):
+        x = images[..., 0]
+        axes = tuple(range(1, x.ndim))
+
+        def mean(code):
+            w = (masks == code).astype(x.dtype)
+            return jnp.sum(x * w, axis=axes) / jnp.sum(w, axis=axes)
+
+        z = alpha * mean(1) + beta * mean(0)
+        return jnp.stack([z, jnp.zeros_like(z)], axis=-1)
+
+    return fn
+
+
+def _two_class_plate():
+    """4 crops 2D (30, 26, 2): crops 0, 1 have cell +2 and background +1 in channel 0, crops 2, 3
+    cell −2 and background −1 (noise on top); donors of crop i: crops i+2 (another class) and
+    i+1 (mod 4), with the cell's own mask so the swaps exchange exactly one region."""
+    rng = np.random.default_rng(5)
+    masks = blob_masks(4, (30, 26), seed=6)
+    sign = np.array([1, 1, -1, -1], np.float32)
+    images = rng.normal(0, 0.3, size=(4, 30, 26, 2)).astype(np.float32)
+    images[..., 0] += np.where(masks == 1, 2.0, np.where(masks == 0, 1.0, 0.0)) * sign[:, None, None]
+    order = np.stack([(np.arange(4) + 2) % 4, (np.arange(4) + 1) % 4], axis=1)
+    return images, masks, order
+
+
+def test_interchange_closed_form_models():
+    """A cell-only model follows the cell (follow_cell 1, follow_context 0, index 0); a
+    background-only one the context (1, 0, index 1); a model of both, as far as its weights
+    say (float64 reference of the linear model). Donors of the cell's own class are left out."""
+    images, masks, order = _two_class_plate()
+    donors, same_masks = images[order], np.repeat(masks[:, None], 2, axis=1)
+    for alpha, beta in ((1.0, 0.0), (0.0, 1.0), (1.0, 1.5)):
+        r = audit.interchange(_region_logits(alpha, beta), images, masks, donors, same_masks)
+        np.testing.assert_array_equal(np.asarray(r.predicted), [0, 0, 1, 1])
+        np.testing.assert_array_equal(np.asarray(r.valid), [[True, False], [True, True], [True, False], [True, True]])
+        x = images[..., 0].astype(np.float64)
+        cell = np.array([x[i][masks[i] == 1].mean() for i in range(4)])
+        bg = np.array([x[i][masks[i] == 0].mean() for i in range(4)])
+        # Same masks, so the swaps exchange the region means exactly; m = ±(logit_1 − logit_0).
+        # The donors carry the cell's mask (`same_masks`), so their means are over it too.
+        cell_d = np.array([[x[j][masks[i] == 1].mean() for j in order[i]] for i in range(4)])
+        bg_d = np.array([[x[j][masks[i] == 0].mean() for j in order[i]] for i in range(4)])
+        z, z_d = alpha * cell + beta * bg, alpha * cell_d + beta * bg_d
+        sign = np.where(np.asarray(r.predicted) == 0, 1.0, -1.0)[:, None]  # m = logit_b − logit_a = −sign·Δz
+        span = -sign * (z_d - z[:, None])
+        shift_ctx = -sign * beta * (bg_d - bg[:, None])
+        shift_cell = -sign * alpha * (cell_d - cell[:, None])
+        valid = np.asarray(r.valid)
+        for name, ref in (("span", span), ("shift_context", shift_ctx), ("shift_cell", shift_cell)):
+            np.testing.assert_allclose(np.asarray(getattr(r, name))[valid], ref[valid], rtol=1e-5, atol=1e-5, err_msg=name)
+        fc = (shift_ctx * valid).sum(1) / (span * valid).sum(1)
+        fk = (shift_cell * valid).sum(1) / (span * valid).sum(1)
+        np.testing.assert_allclose(np.asarray(r.follow_context), fc, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(r.follow_cell), fk, rtol=1e-5, atol=1e-6)
+        if beta == 0:
+            np.testing.assert_array_equal(np.asarray(r.shift_context), 0.0)
+            np.testing.assert_array_equal(np.asarray(r.index), 0.0)
+            np.testing.assert_allclose(np.asarray(r.follow_cell), 1.0, rtol=1e-6)
+        if alpha == 0:
+            np.testing.assert_array_equal(np.asarray(r.shift_cell), 0.0)
+            np.testing.assert_array_equal(np.asarray(r.index), 1.0)
+            np.testing.assert_allclose(np.asarray(r.follow_context), 1.0, rtol=1e-6)
+        if alpha and beta:
+            assert np.all((np.asarray(r.index) > 0.2) & (np.asarray(r.index) < 0.8))
+    # Only donors of the cell's own class: nothing to follow, NaN, flagged.
+    r = audit.interchange(_region_logits(1.0, 0.0), images, masks, images[[1, 0, 3, 2]][:, None], masks[:, None])
+    assert not np.asarray(r.valid).any()
+    assert np.isnan(np.asarray(r.follow_context)).all() and np.isnan(np.asarray(r.index)).all()
+    assert np.asarray(r.undefined).all()
+
+
+def test_interchange_index_definition():
+    fc = jnp.asarray([0.0, 1.0, 0.3, 0.0, -0.2, 1.4, 5e-4, jnp.nan])
+    fk = jnp.asarray([1.0, 0.0, 0.3, 0.0, 0.5, 0.6, 2e-4, 0.5])
+    index, undefined = audit.interchange_index(fc, fk, eps=1e-3)
+    np.testing.assert_array_equal(np.asarray(undefined), [False, False, False, True, False, False, True, True])
+    np.testing.assert_allclose(np.asarray(index), [0.0, 1.0, 0.5, np.nan, 0.0, 1 / 1.6, np.nan, np.nan], rtol=1e-6)
+
+
+def test_interchange_of_a_model_that_ignores_context(tiny3d):
+    """An EfficientNet gated to the central cell: with donors of other masks, the context swap
+    moves nothing (exactly 0: the gated input is the original's bit for bit), so every
+    defined index is 0. And a batch equals one cell at a time (atol: another batch size
+    tiles the convolutions differently)."""
+    s = tiny3d
+    order = np.stack([(np.arange(4) + 1) % 4, (np.arange(4) + 2) % 4, (np.arange(4) + 3) % 4], axis=1)
+    donors, donor_masks = s.images[order], s.masks[order]
+    r = audit.interchange(gated(s, "cell"), s.images, s.masks, donors, donor_masks, batch_size=3)
+    assert np.asarray(r.valid).any()
+    np.testing.assert_array_equal(np.asarray(r.shift_context), 0.0)
+    assert np.abs(np.asarray(r.shift_cell)).max() > 1e-3
+    defined = ~np.asarray(r.undefined)
+    assert defined.any()
+    np.testing.assert_array_equal(np.asarray(r.index)[defined], 0.0)
+    full = audit.interchange(gated(s, "all"), s.images, s.masks, donors, donor_masks, batch_size=3)
+    singles = [audit.model_interchange(s.model, s.variables, s.images[i:i + 1], s.masks[i:i + 1], donors[i:i + 1],
+                                       donor_masks[i:i + 1]) for i in range(4)]
+    singles = jax.tree.map(lambda *a: jnp.concatenate(a), *singles)
+    for name in ("predicted", "donor_predicted", "valid"):
+        np.testing.assert_array_equal(np.asarray(getattr(singles, name)), np.asarray(getattr(full, name)), name)
+    for name in ("span", "shift_context", "shift_cell", "follow_context", "follow_cell"):
+        np.testing.assert_allclose(np.asarray(getattr(singles, name)), np.asarray(getattr(full, name)),
+                                   rtol=1e-4, atol=1e-5, err_msg=name)
+    with pytest.raises(ValueError, match="donor_masks have shape"):
+        audit.interchange(gated(s, "all"), s.images, s.masks, donors, donor_masks[:, :2])
