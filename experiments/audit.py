@@ -123,6 +123,8 @@ class Config:
     regions: tuple[str, ...] = REGIONS
     fills: tuple[str, ...] = FILLS
     donors: int = 128
+    swap_donors: int = 2
+    """Interchange donors per class and test cell (training-well cells of each class)."""
 
 
 QUICK = Config(
@@ -209,6 +211,31 @@ def load_rows(data: Path, split: str, limit: int | None = None, classes: tuple[i
     source = pipeline.open_dataset(str(data), DataConfig()).sources[split]
     idx = np.arange(len(source)) if classes is None else np.flatnonzero(np.isin(source.labels, classes))
     return np.stack([source[int(i)]["image"] for i in idx[:limit]])
+
+
+def load_rows_masks(data: Path, split: str, limit: int, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(n, Z, Y, X, C)`` and masks ``(n, Z, Y, X)`` of the first `limit` cells of `split` of `classes`."""
+    from gradcamo_jax.config import DataConfig
+    from gradcamo_jax.data import pipeline
+
+    source = pipeline.open_dataset(str(data), DataConfig()).sources[split]
+    idx = np.flatnonzero(np.isin(source.labels, classes))[:limit]
+    items = [source[int(i)] for i in idx]
+    return np.stack([it["image"] for it in items]), np.stack([it["mask"] for it in items])
+
+
+def swap_donor_index(n: int, pools: list[int], per_class: int, seed: int) -> np.ndarray:
+    """``(n, len(pools) · per_class)`` donor rows: for test cell i, `per_class` cells of each
+    class's pool (``pools[k]`` cells, rows offset by the earlier pools), dealt from one
+    permutation per class so consecutive cells get different donors."""
+    rng = np.random.default_rng([seed, 29])
+    cols, offset = [], 0
+    for size in pools:
+        perm = rng.permutation(size)
+        slots = np.arange(n)[:, None] * per_class + np.arange(per_class)[None, :]
+        cols.append(offset + perm[slots % size])
+        offset += size
+    return np.concatenate(cols, axis=1)
 
 
 @dataclasses.dataclass
@@ -389,7 +416,8 @@ class Study:
         table, meta = root / f"{tag}.parquet", root / f"{tag}.json"
         want = spec(self.config, geometry)
         if table.exists() and meta.exists() and json.loads(meta.read_text()).get("spec") == want:
-            return pd.read_parquet(table), pd.DataFrame(json.loads(meta.read_text())["sanity"])
+            out = pd.read_parquet(table)
+            return self.with_interchange(out, geometry, mode, seed, None), pd.DataFrame(json.loads(meta.read_text())["sanity"])
         t0 = time.perf_counter()
         data = make_plate(root, signal, seed, geometry)
         t1 = time.perf_counter()
@@ -413,7 +441,58 @@ class Study:
                             "data_s": t1 - t0, "fit_s": t2 - t1, "score_s": t3 - t2}, meta)
         self.log(f"{geometry.name} {mode} seed {seed}: {len(out)} test cells, accuracy {out['correct'].mean():.2f}, "
                  f"data {t1 - t0:.0f} s, fit {t2 - t1:.0f} s, score {t3 - t2:.0f} s")
-        return out, sanity
+        return self.with_interchange(out, geometry, mode, seed, fitted), sanity
+
+    def with_interchange(self, cells: pd.DataFrame, geometry: Geometry, mode: str, seed: int,
+                         fitted: Fitted | None) -> pd.DataFrame:
+        """`cells` with the interchange columns (`audit.interchange`; cached beside the model's
+        table, computed when missing): ``swap_context`` / ``swap_cell`` = how far the prediction
+        follows a donor's context / cell, ``xri`` their index, ``swap_valid`` donors of another
+        predicted class. Donors: `Config.swap_donors` training-well cells of every class."""
+        import jax
+
+        from gradcamo_jax import audit
+        from gradcamo_jax.data import formats
+
+        kind = mode if mode in CONTROLS else "trained"
+        signal = MODES["cell"] if kind != "trained" else MODES[mode]
+        root = plate_root(self.work, geometry, signal, seed)
+        per_class = self.config.swap_donors
+        path = root / f"interchange_{kind}_{self.config.steps}steps_{per_class}d.parquet"
+        if not path.exists():
+            t0 = time.perf_counter()
+            data = make_plate(root, signal, seed, geometry)
+            fitted = fitted or fit(kind, mode, root, data, seed, geometry, self.config)
+            images, masks, test = study.load_split(data, "test")
+            keys = ["Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber"]
+            if not test[keys].reset_index(drop=True).equals(cells[keys].reset_index(drop=True)):
+                raise RuntimeError(f"{root}: the test cells changed since the audit table was written")
+            pool_x, pool_m, sizes = [], [], []
+            for k in range(geometry.plate.num_classes):
+                x, m = load_rows_masks(data, "train", self.config.donors, (k,))
+                pool_x.append(x)
+                pool_m.append(m)
+                sizes.append(len(x))
+            pool_x, pool_m = np.concatenate(pool_x), np.concatenate(pool_m)
+            index = swap_donor_index(len(images), sizes, per_class, seed)
+            fn = audit.efficientnet_logits(fitted.model, fitted.variables)
+            cols: dict[str, list] = {"swap_context": [], "swap_cell": [], "xri": [], "swap_valid": [], "predicted": []}
+            for (r, k) in chunked(lambda x, m, i: audit.interchange(fn, x, m, pool_x[i], pool_m[i]),
+                                  (images, masks, index), geometry.batch):
+                r = jax.device_get(r)
+                cols["swap_context"].append(np.asarray(r.follow_context, np.float64)[:k])
+                cols["swap_cell"].append(np.asarray(r.follow_cell, np.float64)[:k])
+                cols["xri"].append(np.asarray(r.index, np.float64)[:k])
+                cols["swap_valid"].append(np.asarray(r.valid).sum(axis=1)[:k])
+                cols["predicted"].append(np.asarray(r.predicted)[:k])
+            table = pd.DataFrame({c: np.concatenate(v) for c, v in cols.items()})
+            if not np.array_equal(table.pop("predicted").to_numpy(), cells["predicted"].to_numpy()):
+                raise RuntimeError(f"{root}: the interchange and the audit table disagree on the predicted class")
+            formats.write_table(table, path)
+            self.log(f"{geometry.name} {mode} seed {seed}: interchange of {len(table)} cells x {index.shape[1]} donors "
+                     f"in {time.perf_counter() - t0:.0f} s")
+        table = pd.read_parquet(path)
+        return pd.concat([cells.reset_index(drop=True), table], axis=1)
 
     def cost(self, geometry: Geometry, seed: int, table: pd.DataFrame) -> dict:
         """Cells/s of each measure on the cell model's first test cells, after compilation (cached),
@@ -426,7 +505,11 @@ class Study:
         root = plate_root(self.work, geometry, MODES["cell"], seed)
         path = root / f"audit_cost_{self.config.steps}steps.json"
         if path.exists():
-            return json.loads(path.read_text())
+            out = json.loads(path.read_text())
+            if "interchange" not in out:
+                out["interchange"] = self.interchange_cost(geometry, seed)
+                path.write_text(json.dumps(out, indent=1))
+            return out
         data = make_plate(root, MODES["cell"], seed, geometry)
         fitted = fit("trained", "cell", root, data, seed, geometry, self.config)
         images, masks, _ = study.load_split(data, "test")
@@ -478,7 +561,40 @@ class Study:
                 val = np.concatenate([np.asarray(getattr(o, name), np.float64)[:k] for o, k in refs])
                 diff = np.abs(val - table[col].to_numpy(float)[:n])
                 out["checks"][f"max_abs_diff_{name}_vs_random_baseline"] = float(np.nanmax(diff)) if np.isfinite(diff).any() else 0.0
+        out["interchange"] = self.interchange_cost(geometry, seed)
         path.write_text(json.dumps(out, indent=1))
+        return out
+
+    def interchange_cost(self, geometry: Geometry, seed: int) -> dict:
+        """Cells/s of `audit.interchange` (`Config.swap_donors` per class) beside plain `explain`
+        (LayerCAM at the stem), both timed in this call on the cell model's first test cells."""
+        import jax
+
+        from gradcamo_jax import audit, explain
+
+        root = plate_root(self.work, geometry, MODES["cell"], seed)
+        data = make_plate(root, MODES["cell"], seed, geometry)
+        fitted = fit("trained", "cell", root, data, seed, geometry, self.config)
+        images, masks, _ = study.load_split(data, "test")
+        n = min(len(images), geometry.time_cells)
+        images, masks = images[:n], masks[:n]
+        pools = [load_rows_masks(data, "train", self.config.donors, (k,)) for k in range(geometry.plate.num_classes)]
+        pool_x, pool_m = np.concatenate([p[0] for p in pools]), np.concatenate([p[1] for p in pools])
+        index = swap_donor_index(n, [len(p[0]) for p in pools], self.config.swap_donors, seed)
+        m, v, b = fitted.model, fitted.variables, geometry.batch
+        fn = audit.efficientnet_logits(m, v)
+        jobs = {
+            "explain": lambda: [jax.block_until_ready(o) for o, _ in chunked(
+                lambda x, k: explain(m, v, x, k, layer="stem", method="layercam").scores.cell, (images, masks), b)],
+            "interchange": lambda: [jax.block_until_ready(o) for o, _ in chunked(
+                lambda x, k, i: audit.interchange(fn, x, k, pool_x[i], pool_m[i]).index, (images, masks, index), b)],
+        }
+        out = {"cells": n, "batch": b, "donors_per_cell": int(index.shape[1])}
+        for name, job in jobs.items():
+            job()  # compile
+            best = min(_timed(job) for _ in range(2))
+            out[name] = {"seconds": best, "cells_per_s": n / best}
+        out["x_explain"] = out["interchange"]["seconds"] / out["explain"]["seconds"]
         return out
 
 
@@ -493,7 +609,7 @@ def _timed(job) -> float:
 
 MEASURE_PREFIXES: dict[str, int] = {
     "gc_": 1, "cgc_": 1, "drop_cell_": 1, "drop_background_": -1, "drop_neighbors_": -1, "drop_context_": -1,
-    "cri_": -1,
+    "cri_": -1, "swap_context": -1, "swap_cell": 1, "xri": -1,
 }
 """Measure column prefix → orientation (see `ORIENTATION_TEXT`)."""
 
@@ -822,6 +938,11 @@ def report(summary: dict) -> None:
             print(f"  cost ({s['cost']['cells']} cells, crop {s['cost']['crop']}):")
             for name, r in s["cost"]["measures"].items():
                 print(f"    {name:55s} {r['cells_per_s']:9.1f} cells/s  {r['x_explain']:6.1f}× explain")
+            ic = s["cost"].get("interchange")
+            if ic:
+                print(f"    {'interchange, ' + str(ic['donors_per_cell']) + ' donors (timed beside explain: ':55s}"
+                      f"{ic['interchange']['cells_per_s']:9.1f} cells/s  {ic['x_explain']:6.1f}× explain "
+                      f"at {ic['explain']['cells_per_s']:.1f} cells/s)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -836,6 +957,8 @@ def build_config(args) -> Config:
         geoms = tuple(dataclasses.replace(g, seeds=tuple(args.seeds)) for g in geoms)
     if args.modes:
         geoms = tuple(dataclasses.replace(g, modes=tuple(args.modes)) for g in geoms)
+    if args.controls is not None:
+        geoms = tuple(dataclasses.replace(g, controls=tuple(args.controls)) for g in geoms)
     config = dataclasses.replace(base, geometries=geoms)
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps)
@@ -849,6 +972,8 @@ def main(argv=None) -> dict:
                    help="pipeline check: 1 seed, cell + neighbor + controls, 40 steps, small plates, 2 layers, tiny geometry")
     p.add_argument("--modes", nargs="+", choices=list(MODES))
     p.add_argument("--geometries", nargs="+", choices=["tiny", "fine"])
+    p.add_argument("--controls", nargs="*", choices=list(CONTROLS),
+                   help="control models scored on the cell plate (default: the setting's; none with no names)")
     args = p.parse_args(argv)
     config = build_config(args)
     out, work, log = study.start(args, "audit")

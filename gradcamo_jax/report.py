@@ -19,6 +19,9 @@
 * ``evaluation/``: copairs mAP per dose against controls (`gradcamo_jax.evaluate`: the
   table, ``map_activity.png`` and ``summary.json``), when the plate has the wells for it;
   otherwise the page says why it is absent.
+* ``audit.png`` and the audit section (profiles scored with ``--audit``): Grad-CAMO against
+  the interchange index per cell, the index by dose and site, what the audit study lets a
+  user conclude, and `audit_table` by dose and site.
 * headline numbers: dataset mean Grad-CAMO, fraction of cells > 0.5, mean chance level,
   attention split, accuracy on held-out wells; and `summarize` tables by dose and site.
 
@@ -104,6 +107,11 @@ def headline(profiles: pd.DataFrame, threshold: float = 0.5) -> dict:
         out["undefined_context_reliance"] = int(profiles["Metadata_Audit_ContextReliance"].isna().sum())
         out["mean_gradcamo_random_model"] = float(profiles["Metadata_GradCAMO_Random"].mean())
         out["mean_gradcamo_corrected"] = float(profiles["Metadata_GradCAMO_Corrected"].mean())
+    if XRI in profiles:
+        x = profiles[XRI].dropna()
+        out["mean_interchange_index"] = float(x.mean()) if len(x) else float("nan")
+        out["frac_cells_following_context"] = float((x > FOLLOWS_CONTEXT).mean()) if len(x) else float("nan")
+        out["undefined_interchange_index"] = int(profiles[XRI].isna().sum())
     if {"Metadata_Predicted", "Metadata_Class"} <= set(profiles.columns):
         correct = profiles["Metadata_Predicted"] == profiles["Metadata_Class"]
         out["accuracy_all"] = float(correct.mean())
@@ -221,6 +229,111 @@ def plot_attention_split(profiles: pd.DataFrame, path: Path, by: str = "Metadata
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+XRI = "Metadata_Audit_InterchangeIndex"
+FOLLOWS_CONTEXT = 0.5
+"""Interchange index above which a cell's prediction follows its context more than its cell."""
+
+AUDIT_COLUMNS = {
+    "gradcamo": GCO,
+    "gradcamo_corrected": "Metadata_GradCAMO_Corrected",
+    "interchange_index": XRI,
+    "follow_context": "Metadata_Audit_FollowContext",
+    "follow_cell": "Metadata_Audit_FollowCell",
+    "context_reliance_fill": "Metadata_Audit_ContextReliance",
+}
+"""Audit table column → profile column (`audit_table`)."""
+
+
+def audit_table(profiles: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
+    """Per group of `by` (all cells when None): cell count, the means of `AUDIT_COLUMNS`
+    present (NaN skipped) and ``frac_follows_context``, the share of cells with a defined
+    interchange index above `FOLLOWS_CONTEXT`."""
+    cols = {k: c for k, c in AUDIT_COLUMNS.items() if c in profiles}
+
+    def agg(df: pd.DataFrame) -> pd.Series:
+        out = {"n_cells": len(df), **{k: df[c].mean() for k, c in cols.items()}}
+        if XRI in df:
+            x = df[XRI].dropna()
+            out["frac_follows_context"] = float((x > FOLLOWS_CONTEXT).mean()) if len(x) else np.nan
+            out["n_undefined_index"] = int(df[XRI].isna().sum())
+        return pd.Series(out)
+
+    if by is None:
+        return agg(profiles).to_frame("all").T
+    return pd.DataFrame({g: agg(d) for g, d in profiles.groupby(by, sort=True)}).T.rename_axis(by)
+
+
+def plot_audit(profiles: pd.DataFrame, path: Path) -> Path:
+    """Per cell, Grad-CAMO against the interchange index (colour = dose, else predicted class),
+    and the index's distribution by dose and by site (where those columns exist)."""
+    plt = _plt()
+    colour_by = "Metadata_Dose" if "Metadata_Dose" in profiles else "Metadata_Predicted"
+    panels = [b for b in ("Metadata_Dose", "Metadata_Site") if b in profiles] or ["Metadata_Predicted"]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 + 4 * len(panels), 4), squeeze=False)
+    ax = axes[0, 0]
+    groups = sorted(profiles[colour_by].dropna().unique()) if colour_by in profiles else [None]
+    cmap = plt.get_cmap("viridis", max(len(groups), 2))
+    for i, g in enumerate(groups):
+        d = profiles if g is None else profiles[profiles[colour_by] == g]
+        ax.scatter(d[GCO], d[XRI], s=6, alpha=0.5, color=cmap(i), label=None if g is None else f"{g:g}" if isinstance(g, float) else str(g))
+    ax.axhline(FOLLOWS_CONTEXT, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("Grad-CAMO (attention on the cell)")
+    ax.set_ylabel("interchange index (0 follows cell, 1 follows context)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    if groups != [None]:
+        ax.legend(title=colour_by.replace("Metadata_", "").lower(), fontsize=7, title_fontsize=8, loc="upper right")
+    for ax, by in zip(axes[0, 1:], panels):
+        keys = sorted(profiles[by].dropna().unique())
+        data = [profiles.loc[profiles[by] == k, XRI].dropna().to_numpy() for k in keys]
+        ax.boxplot(data, showfliers=False)
+        for i, d in enumerate(data):
+            jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(d))
+            ax.scatter(np.full(len(d), i + 1) + jitter, d, s=3, alpha=0.3, color="tab:purple")
+        ax.axhline(FOLLOWS_CONTEXT, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(1, len(keys) + 1), [f"{k:g}" if isinstance(k, float) else str(k) for k in keys])
+        ax.set_xlabel(by.replace("Metadata_", "").lower())
+        ax.set_ylabel("interchange index")
+        ax.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+AUDIT_READING = (
+    "<p><b>Interchange index</b> (per cell, columns <code>Metadata_Audit_FollowContext</code>, "
+    "<code>Metadata_Audit_FollowCell</code>, <code>Metadata_Audit_InterchangeIndex</code>): the cell's context "
+    "(background and other cells) is swapped with that of cells the model confidently assigns to other classes, "
+    "and separately its cell with theirs; the index is the share of the prediction's movement that follows the "
+    "context (0 = the prediction follows the cell, 1 = the context). No fill is involved: every voxel shown to "
+    "the model is a real voxel of one of the two crops.</p>"
+    "<p><b>What you may conclude</b> (the audit study, experiments/README.md, synthetic plates with a planted "
+    "shortcut): {validated}</p>"
+)
+AUDIT_VALIDATED = "see experiments/README.md (audit study)."
+
+
+def audit_section(profiles: pd.DataFrame, out_dir: Path) -> str:
+    """HTML of the audit section (figure, reading, tables by dose and site); "" without audit columns."""
+    if XRI not in profiles:
+        return ""
+    fig = plot_audit(profiles, Path(out_dir) / "audit.png")
+    parts = [
+        "<h2>Audit: does each prediction follow its cell or its surroundings?</h2>",
+        AUDIT_READING.format(validated=AUDIT_VALIDATED),
+        f"<figure><img src='{fig.name}' alt='audit'><figcaption>Left: per cell, Grad-CAMO (where the explanation "
+        "points) against the interchange index (what the prediction follows); dashed line: index 0.5. Middle/right: "
+        "the index by dose and by imaging site.</figcaption></figure>",
+        _table_html(audit_table(profiles)),
+    ]
+    for by in ("Metadata_Dose", "Metadata_Site"):
+        if by in profiles:
+            parts.append(f"<h3>Audit by {html.escape(by.replace('Metadata_', '').lower())}</h3>")
+            parts.append(_table_html(audit_table(profiles, by)))
+    return "\n".join(parts)
 
 
 def _scaled(x: np.ndarray) -> np.ndarray:
@@ -490,6 +603,7 @@ def make_report(
                 f"<figure><img src='{figs[name].name}' alt='{name}'><figcaption>{html.escape(_CAPTIONS[name])}"
                 "</figcaption></figure>"
             )
+    parts.append(audit_section(profiles, out))
     parts.append(map_section(profiles, out, config.evaluate)[0])
     for by in ("Metadata_Dose", "Metadata_Site", "Metadata_Split"):
         if by in profiles:
@@ -502,5 +616,6 @@ def make_report(
     return index
 
 
-__all__ = ["ReportConfig", "cam_over_grey", "figures_from_profiles", "grey_image", "headline", "layer_diagnostics",
+__all__ = ["AUDIT_COLUMNS", "FOLLOWS_CONTEXT", "ReportConfig", "audit_section", "audit_table", "plot_audit",
+           "cam_over_grey", "figures_from_profiles", "grey_image", "headline", "layer_diagnostics",
            "make_report", "map_section", "overlay_preprocess", "pick_examples"]

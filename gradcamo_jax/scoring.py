@@ -83,6 +83,12 @@ class ScoreConfig:
         Grad-CAMO of the same architecture with random weights (BatchNorm calibrated on the
         dataset's first 64 crops) with the corrected score. Costs one forward per variant.
       audit_fills: fills of the counterfactuals (`audit.FILLS` except "swap").
+      audit_swap_donors: with `audit`, also the interchange columns (`audit.interchange`): each
+        cell's context and its cell swapped with this many donors per class, donors being the
+        cells the model predicts most confidently as that class among `audit_swap_pool` cells
+        spread evenly over the dataset (`swap_pool`). 0 = none. Costs ``3 · K · audit_swap_donors``
+        forwards per cell (K classes). The audit study's setting is 2 (experiments/README.md).
+      audit_swap_pool: cells sampled evenly over the dataset to choose the donors from.
       audit_seed: seed of the fills' noise (per cell: folded with the cell's row, so values do
         not depend on batching or sharding) and of the random model.
       allow_coarse_layer: score even when the layer's map is too coarse to tell the cell from
@@ -101,6 +107,8 @@ class ScoreConfig:
     audit: bool = False
     audit_fills: tuple[str, ...] = ("noise", "blur")
     audit_seed: int = 0
+    audit_swap_donors: int = 2
+    audit_swap_pool: int = 256
 
     def __post_init__(self):
         if self.audit and (not self.audit_fills or "swap" in self.audit_fills):
@@ -109,6 +117,9 @@ class ScoreConfig:
             self.reliance_settings  # noqa: B018  (checks the fill names now, not at the first batch)
         for name in ((self.layer,) if self.layer != "auto" else ()) + tuple(self.feature_layers):
             layer_index(name)
+        if self.audit_swap_donors < 0 or self.audit_swap_pool < 1:
+            raise ValueError(f"ScoreConfig.audit_swap_donors={self.audit_swap_donors} must be >= 0 and "
+                             f"audit_swap_pool={self.audit_swap_pool} >= 1")
         if self.batch_size < 1 or self.rows_per_shard < 1 or self.cam_sample < 0:
             raise ValueError(f"ScoreConfig: batch_size, rows_per_shard must be >= 1 and cam_sample >= 0, got {self}")
 
@@ -225,13 +236,15 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
 
 def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows: tuple[int, int], config: ScoreConfig,
                *, crop_shape=None, downsample=(1, 1, 1), on_batch=None, random_variables=None,
-               context_remedy: str = "none", context_factor: float = 0.25
+               context_remedy: str = "none", context_factor: float = 0.25, swap_pool: SwapPool | None = None
                ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Score rows ``[rows[0], rows[1])`` of the dataset, each crop centre-cropped to `crop_shape`
     and binned by `downsample` as the model was trained (`DataConfig` fields of those names),
     then given the run's context transform (`pipeline.context_transform` of `context_remedy`,
     `context_factor`: "mask" and "attenuate" change what the model sees; the audit's fills act
     on the crop before the transform, as the model's input would be).
+
+    `swap_pool`: the donors of the interchange columns (`swap_pool`), with `config.audit`.
 
     Returns ``(table, cam_rows, cams)``: the part's profile table; the sampled rows of this
     part and their CAM volumes ``(M, Z, Y, X)`` float16 (``(M, Y, X)`` for a 2D model; M may be 0).
@@ -285,7 +298,7 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
         if config.audit:
             got.update(_audit_columns(model, variables, random_variables, fn, x, m, out_dev.targets, s.cell[:n], first,
                                       config, n, x_raw=x_raw, context_remedy=context_remedy,
-                                      context_factor=context_factor))
+                                      context_factor=context_factor, swap_pool=swap_pool, sharding=sharding))
         for k, v in got.items():
             cols.setdefault(k, []).append(np.asarray(v))
         if out.cam is not None:
@@ -311,7 +324,8 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
 
 
 def _audit_columns(model, variables, random_variables, fn, x, m, targets, trained, first: int, config: ScoreConfig,
-                   n: int, *, x_raw=None, context_remedy: str = "none", context_factor: float = 0.25) -> dict:
+                   n: int, *, x_raw=None, context_remedy: str = "none", context_factor: float = 0.25,
+                   swap_pool: SwapPool | None = None, sharding=None) -> dict:
     """The audit's per-cell columns for one padded batch (rows ``first …``); see `ScoreConfig.audit`.
     `x` is what the model saw; with an inference remedy the fills act on `x_raw` (the crop
     before the transform) and the transform runs after them (`remedy_logits`)."""
@@ -330,6 +344,16 @@ def _audit_columns(model, variables, random_variables, fn, x, m, targets, traine
             cols[f"Metadata_Audit_Drop_{region.capitalize()}_{fill.capitalize()}"] = res.drops[:n, i, j]
     cols["Metadata_Audit_ContextReliance"] = res.cri[:n]
     cols["Metadata_Audit_ContextReliance_Undefined"] = res.cri_undefined[:n]
+    if swap_pool is not None:
+        idx = swap_pool.donor_index(np.arange(first, first + crops.shape[0]))
+        donors, donor_masks = swap_pool.images[idx], swap_pool.masks[idx]
+        if sharding is not None:
+            donors, donor_masks = jax.device_put(donors, sharding), jax.device_put(donor_masks, sharding)
+        sw = jax.device_get(audit.interchange_batch(logits_fn, crops, m, donors, donor_masks))
+        cols["Metadata_Audit_FollowContext"] = sw.follow_context[:n]
+        cols["Metadata_Audit_FollowCell"] = sw.follow_cell[:n]
+        cols["Metadata_Audit_InterchangeIndex"] = sw.index[:n]
+        cols["Metadata_Audit_InterchangeDonors"] = sw.valid[:n].sum(axis=1)
     # The random model explains the trained model's class, so the two maps differ only in the
     # weights. Only its scores come back to the host (not its features and CAM volumes).
     rand = np.asarray(fn(random_variables, x, m, targets).scores.cell)[:n]
@@ -367,6 +391,94 @@ def remedy_logits(model: EfficientNet, variables, remedy: str = "none", factor: 
     if remedy not in INFERENCE_REMEDIES:
         return audit.efficientnet_logits(model, variables)
     return Partial(_RemedyLogits(model, remedy, float(factor)), variables)
+
+
+SWAP_POOL_PER_CLASS = 8
+"""Donor cells kept per predicted class (the most confident of the sampled pool)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapPool:
+    """Donor crops of the interchange columns, grouped by the class the model predicts.
+
+    Attributes:
+      rows: ``(P,)`` dataset rows of the donors.
+      images: ``(P, *S, C)`` their crops as the model's input is made (before any context
+        remedy, which the audit's ``logits_fn`` applies); masks: ``(P, *S)`` codes.
+      predicted: ``(P,)`` predicted class; prob: ``(P,)`` its probability.
+      groups: one array of pool indices per class (most confident first; may be empty).
+      per_class: donors per class and cell; seed: dealing seed.
+    """
+
+    rows: np.ndarray
+    images: np.ndarray
+    masks: np.ndarray
+    predicted: np.ndarray
+    prob: np.ndarray
+    groups: tuple[np.ndarray, ...]
+    per_class: int
+    seed: int
+
+    def donor_index(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), K · per_class)`` pool indices: for dataset row r, `per_class` donors of
+        each class k, dealt by r from a seeded permutation of the class's group, so a cell's
+        donors depend on its row only (not on batching, sharding or a resumed run). A class
+        the model predicted for no pool cell takes donors from the whole pool (pairs of the
+        cell's own class are then left out by `audit.interchange`)."""
+        rows = np.asarray(rows, np.int64)
+        rng = np.random.default_rng([self.seed, 31])
+        everyone = np.arange(len(self.rows))
+        cols = []
+        for group in self.groups:
+            g = group if len(group) else everyone
+            perm = g[rng.permutation(len(g))]
+            slots = rows[:, None] * self.per_class + np.arange(self.per_class)[None, :]
+            cols.append(perm[slots % len(g)])
+        return np.concatenate(cols, axis=1)
+
+    def describe(self) -> dict:
+        return {"rows": [int(r) for r in self.rows], "predicted": [int(p) for p in self.predicted],
+                "per_class": self.per_class}
+
+
+@jax.jit
+def _pool_logits(fn, images, masks):
+    # `fn` is a Partial: its arrays (the variables) are traced, not baked in as constants.
+    return fn(images, masks)
+
+
+def swap_pool(logits_fn, store, n_cells: int, config: ScoreConfig, num_classes: int, *, crop_shape=None,
+              downsample=(1, 1, 1), spatial_dims: int = 3) -> SwapPool:
+    """Choose the interchange donors: `config.audit_swap_pool` rows spread evenly over the
+    dataset, predicted by ``logits_fn`` (``(images, masks) -> logits``, as the audit's); per
+    predicted class the `SWAP_POOL_PER_CLASS` most confident (ties: lower row first)."""
+    from gradcamo_jax import audit
+
+    rows = np.unique(np.linspace(0, n_cells - 1, min(config.audit_swap_pool, n_cells)).round().astype(np.int64))
+    images, masks = [], []
+    for r in rows:
+        _, x, m = next(_batches(store, int(r), int(r) + 1, 1, 0, crop_shape, downsample, spatial_dims))
+        images.append(x[0])
+        masks.append(m[0])
+    images, masks = np.stack(images), np.stack(masks)
+    fn = audit._as_partial(logits_fn)
+    b = max(1, config.batch_size)
+    logits = np.concatenate([np.asarray(_pool_logits(fn, _pad(images[s:s + b], b), _pad(masks[s:s + b], b)),
+                                        np.float64)[:len(images[s:s + b])] for s in range(0, len(images), b)])
+    prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+    prob /= prob.sum(axis=1, keepdims=True)
+    predicted = prob.argmax(axis=1)
+    top = prob.max(axis=1)
+    groups, keep = [], []
+    for k in range(num_classes):
+        members = np.flatnonzero(predicted == k)
+        members = members[np.lexsort((rows[members], -top[members]))][:SWAP_POOL_PER_CLASS]
+        keep.append(members)
+    kept = np.concatenate(keep) if keep else np.zeros((0,), np.int64)
+    offset = np.cumsum([0] + [len(g) for g in keep])
+    groups = tuple(np.arange(offset[k], offset[k + 1]) for k in range(num_classes))
+    return SwapPool(rows=rows[kept], images=images[kept], masks=masks[kept], predicted=predicted[kept],
+                    prob=top[kept], groups=groups, per_class=config.audit_swap_donors, seed=config.audit_seed)
 
 
 def _check_manifest(out_dir: Path, manifest: dict) -> None:
@@ -476,18 +588,24 @@ def score_dataset(
         "model": dataclasses.asdict(model.config),
         "crop_shape": None if crop_shape is None else list(crop_shape),
         "downsample": list(downsample),
-        "audit": None if not config.audit else {"fills": list(config.audit_fills), "seed": config.audit_seed},
+        "audit": None if not config.audit else {"fills": list(config.audit_fills), "seed": config.audit_seed,
+                                                "swap_donors": config.audit_swap_donors,
+                                                "swap_pool": config.audit_swap_pool},
         **_fingerprint(cells, variables),
     }
     if remedy in INFERENCE_REMEDIES:  # (absent otherwise: manifests of runs without one stay as they were)
         manifest["context_remedy"] = {"remedy": remedy, "factor": factor if remedy == "attenuate" else None}
-    random_variables = None
+    random_variables, pool = None, None
     if config.audit:
         from gradcamo_jax import audit
 
         calib = next(_batches(store, 0, min(64, len(cells)), 64, 0, crop_shape, downsample, model.config.spatial_dims))[1]
         random_variables = audit.randomized_variables(dataclasses.replace(model.config, dtype="float32"),
                                                       jax.random.key(config.audit_seed), calib)
+        if config.audit_swap_donors > 0:
+            pool = swap_pool(remedy_logits(model, variables, remedy, factor), store, len(cells), config,
+                             model.config.num_classes, crop_shape=crop_shape, downsample=downsample,
+                             spatial_dims=model.config.spatial_dims)
     out_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         _check_manifest(out_dir, manifest)
@@ -503,7 +621,7 @@ def score_dataset(
             table, idx, cams = score_part(model, variables, store, cells, bounds[k], config, crop_shape=crop_shape,
                                           downsample=downsample, on_batch=bar.update,
                                           random_variables=random_variables, context_remedy=remedy,
-                                          context_factor=factor)
+                                          context_factor=factor, swap_pool=pool)
             if len(idx):
                 # CAMs first: a part's parquet file is the marker that the whole part is done.
                 formats.write_arrays(out_dir / CAM_DIR / PART.format(k).replace(".parquet", ".zarr"),
@@ -587,7 +705,7 @@ def read_cams(out_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 __all__ = [
-    "AUTO_MIN_MAP_YX", "MIN_MAP_YX", "ScoreConfig", "assigned_parts", "cam_rows", "check_layer_resolution",
-    "default_layer", "feature_names", "part_bounds", "read_cams", "read_profiles", "score_dataset", "score_part",
-    "verify_profiles",
+    "AUTO_MIN_MAP_YX", "MIN_MAP_YX", "SWAP_POOL_PER_CLASS", "ScoreConfig", "SwapPool", "assigned_parts", "cam_rows",
+    "check_layer_resolution", "default_layer", "feature_names", "part_bounds", "read_cams", "read_profiles", "score_dataset", "score_part",
+    "swap_pool", "verify_profiles",
 ]

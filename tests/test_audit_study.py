@@ -189,3 +189,22 @@ def test_balanced_permutation_decouples_labels_from_classes():
     table = pd.crosstab(truth, labels).to_numpy()
     assert np.bincount(labels, minlength=3).tolist() == [5, 5, 5]
     assert table.max() - table.min() <= 1  # each class spread over the labels as evenly as possible
+
+
+def test_swap_donors_come_from_every_class_pool_and_vary_between_cells():
+    pools = [5, 3, 7]
+    idx = audit.swap_donor_index(10, pools, 2, seed=0)
+    assert idx.shape == (10, 6)
+    bounds = np.cumsum([0, *pools])
+    for k in range(3):
+        cols = idx[:, 2 * k:2 * k + 2]
+        assert ((cols >= bounds[k]) & (cols < bounds[k + 1])).all()
+        assert (cols[:, 0] != cols[:, 1]).all()  # two different donors of one class per cell
+    # A pool of 3 dealt in slots of 2 covers all its cells within two test cells.
+    assert set(idx[:2, 2:4].ravel()) == {5, 6, 7}
+    np.testing.assert_array_equal(idx, audit.swap_donor_index(10, pools, 2, seed=0))
+    assert not np.array_equal(idx, audit.swap_donor_index(10, pools, 2, seed=1))
+    assert audit.orientation("swap_context") == -1 and audit.orientation("swap_cell") == 1
+    assert audit.orientation("xri") == -1
+    assert audit.measure_columns(pd.DataFrame(columns=["xri", "swap_valid", "swap_cell", "gc_stem_gradcam"])) == [
+        "gc_stem_gradcam", "swap_cell", "xri"]

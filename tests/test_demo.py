@@ -29,7 +29,7 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     for plate in plates:
         report = out / plate / "report"
         assert (report / "index.html").stat().st_size > 1000
-        for png in ("umap", "scores_by_dose", "scores_by_site", "attention_split", "overlays"):
+        for png in ("umap", "scores_by_dose", "scores_by_site", "attention_split", "overlays", "audit"):
             assert (report / f"{png}.png").stat().st_size > 5000, png
         cells = pd.read_parquet(out / plate / "data" / "cells.parquet")
         prof = pd.concat(pd.read_parquet(p) for p in sorted((out / plate / "profiles").glob("part-*.parquet")))
@@ -38,6 +38,10 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
         # every score is a fraction or an explicit "undefined" (a map summing to 0), nothing else
         ok = prof["Metadata_GradCAMO"].between(0, 1) | prof["Metadata_GradCAMO_Undefined"]
         assert ok.all()
+        # the audit beside Grad-CAMO: the interchange index per cell, defined for (nearly) every cell
+        xri = prof["Metadata_Audit_InterchangeIndex"]
+        assert xri.dropna().between(0, 1).all() and xri.notna().mean() > 0.9
+        assert "What you may conclude" in (report / "index.html").read_text()
     index = (out / "index.html").read_text()
     assert "cell/report/index.html" in index and "site/report/index.html" in index
     # a rerun resumes: every stage finds its output and nothing is recomputed or duplicated

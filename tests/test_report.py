@@ -14,6 +14,7 @@ from gradcamo_jax.scoring import MANIFEST, PART
 # The quick loop: the headline and example picks; the figures (UMAP compiles with numba) in `make test`.
 FAST = {
     "test_headline_numbers_are_the_tables",
+    "test_audit_table_and_headline_against_pandas",
     "test_examples_are_extremes_among_saved_cams",
     "test_missing_part_is_a_clear_error",
     "test_layer_diagnostics_flag_scores_that_restate_cell_size",
@@ -46,6 +47,13 @@ def fake_profiles(n=120, seed=0):
         "Metadata_Predicted": rng.integers(0, 3, n),
     })
     df.loc[3, ["Metadata_GradCAMO", "Metadata_GradCAMO_Neighbors", "Metadata_GradCAMO_Background"]] = np.nan
+    follow_context = rng.uniform(0, 0.8, n) + 0.2 * (dose > 1)
+    follow_cell = rng.uniform(0.2, 1.0, n)
+    df["Metadata_Audit_FollowContext"] = follow_context
+    df["Metadata_Audit_FollowCell"] = follow_cell
+    df["Metadata_Audit_InterchangeIndex"] = np.minimum(follow_context, 1) / (np.minimum(follow_context, 1) + follow_cell)
+    df.loc[[5, 7], "Metadata_Audit_InterchangeIndex"] = np.nan
+    df["Metadata_GradCAMO_Corrected"] = cell - 0.2
     feats = rng.normal(size=(n, 6)) + dose[:, None]
     for i in range(6):
         df[f"EfficientNetB0_stage5_{i:04d}"] = feats[:, i].astype(np.float32)
@@ -106,6 +114,31 @@ def test_report_renders_every_figure(folder):
         img = np.asarray(Image.open(png).convert("L"), float)
         assert img.std() > 5, f"{name}.png is blank"
     assert "accuracy_held_out_wells" in text and "training_seconds" in text
+    # The audit section: its figure, the reading for a user, the tables by dose and site.
+    assert (base / "report" / "audit.png").stat().st_size > 5000 and "src='audit.png'" in text
+    assert "What you may conclude" in text and "Audit by dose" in text and "Audit by site" in text
+    assert "mean_interchange_index" in text
+
+
+def test_audit_table_and_headline_against_pandas(folder):
+    from gradcamo_jax.report import audit_table
+
+    _, df = folder
+    x = df["Metadata_Audit_InterchangeIndex"]
+    t = audit_table(df, "Metadata_Dose")
+    for dose, g in df.groupby("Metadata_Dose"):
+        xi = g["Metadata_Audit_InterchangeIndex"].dropna()
+        assert t.loc[dose, "n_cells"] == len(g)
+        assert t.loc[dose, "interchange_index"] == pytest.approx(xi.mean())
+        assert t.loc[dose, "frac_follows_context"] == pytest.approx((xi > 0.5).mean())
+        assert t.loc[dose, "follow_context"] == pytest.approx(g["Metadata_Audit_FollowContext"].mean())
+        assert t.loc[dose, "gradcamo_corrected"] == pytest.approx(g["Metadata_GradCAMO_Corrected"].mean())
+    assert t["n_undefined_index"].sum() == 2
+    h = headline(df)
+    assert h["mean_interchange_index"] == pytest.approx(x.dropna().mean())
+    assert h["frac_cells_following_context"] == pytest.approx((x.dropna() > 0.5).mean())
+    assert h["undefined_interchange_index"] == 2
+    assert audit_table(df).loc["all", "n_cells"] == len(df)
 
 
 def test_missing_part_is_a_clear_error(folder, tmp_path):

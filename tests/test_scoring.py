@@ -378,3 +378,24 @@ def test_audit_columns_equal_the_audit_library_per_cell(tmp_path):
     rb = audit.random_baseline(model, v, images, masks, random_variables=rv, layer="stage1")
     np.testing.assert_allclose(prof["Metadata_GradCAMO_Random"], rb.gradcamo_random, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(prof["Metadata_GradCAMO_Corrected"], rb.corrected, rtol=1e-4, atol=1e-5)
+    # Interchange columns: the donors are the pool's most confident cells of each predicted class
+    # (all 8 rows are sampled here), recomputed from the model's own logits; the columns equal
+    # `audit.interchange` of the whole array with the donors the pool deals to each row.
+    logits = np.asarray(jax.jit(lambda x: model.apply(v, x, train=False))(images), np.float64)
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    pool = scoring.swap_pool(audit.efficientnet_logits(model, v), store, n, cfg, CONFIG.num_classes)
+    np.testing.assert_array_equal(np.sort(pool.rows), np.arange(n))  # 8 cells, at most 8 per class: all kept
+    for k, group in enumerate(pool.groups):
+        rows_k = pool.rows[group]
+        assert (prob[rows_k].argmax(1) == k).all()
+        assert np.all(np.diff(prob[rows_k, k]) <= 0)  # most confident first
+    idx = pool.donor_index(np.arange(n))
+    assert idx.shape == (n, CONFIG.num_classes * cfg.audit_swap_donors)
+    np.testing.assert_array_equal(pool.donor_index(np.arange(3, 6)), idx[3:6])  # a row's donors do not depend on the batch
+    ref = audit.interchange(audit.efficientnet_logits(model, v), images, masks, pool.images[idx], pool.masks[idx])
+    for col, want in (("Metadata_Audit_FollowContext", ref.follow_context), ("Metadata_Audit_FollowCell", ref.follow_cell),
+                      ("Metadata_Audit_InterchangeIndex", ref.index)):
+        np.testing.assert_allclose(prof[col], want, rtol=1e-4, atol=1e-5, err_msg=col)
+    np.testing.assert_array_equal(prof["Metadata_Audit_InterchangeDonors"], np.asarray(ref.valid).sum(1))
+    assert np.isfinite(prof["Metadata_Audit_FollowContext"]).any()
