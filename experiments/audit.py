@@ -4,7 +4,8 @@ The confounder study (``confounders.py``) found Grad-CAMO weak per cell. This st
 validates the audit of `gradcamo_jax.audit` against the planted ground truth, per cell:
 
 * **models**: the tiny EfficientNet trained on synthetic plates whose dose signal sits in a
-  known place (`confounders.MODES`: cell, background, neighbor, site, mixture), per seed
+  known place (`PLATES`: cell, background, neighbor, site, mixture, and neighbor_only = the
+  neighbor plate's unmarked cells only, whose dose is in their neighbours alone), per seed
   (a seed draws a new plate, split and initialisation), plus two controls scored on the
   cell plate: ``untrained`` (random initial weights, BatchNorm calibrated) and
   ``permuted`` (trained on the cell plate with its class labels permuted across wells, so
@@ -15,8 +16,11 @@ validates the audit of `gradcamo_jax.audit` against the planted ground truth, pe
   geometry); counterfactual reliance, the drop of the predicted class's log-probability
   when a region is replaced by a fill (``drop_<region>_<fill>``, `audit.model_reliance`;
   "swap" donors are control cells of the same plate's training wells) and the
-  context-reliance index per fill (``cri_<fill>``); and per model the fill sanity check
-  (`audit.fill_sanity` on the control test cells);
+  context-reliance index per fill (``cri_<fill>``); the interchange test (`audit.interchange`:
+  the cell's context, then its cell, swapped with those of `Config.swap_donors` training-well
+  cells of every class; ``swap_context`` / ``swap_cell`` = how far the prediction follows
+  each, ``xri`` = their index); and per model the fill sanity check (`audit.fill_sanity` on
+  the control test cells);
 * **statistics**: per-cell AUROC of the cell model's cells vs each other model's cells;
   marked vs unmarked cells inside the neighbor model (all, treated, confident, correct);
   a model-level verdict whose threshold is set on the first seed and tested on the
@@ -28,7 +32,7 @@ model's cell); measures marked −1 (context drops, CRI: "higher context relianc
 shortcut") are negated before ranking, so 0.5 is no separation and 1 perfect for all.
 
     python -m experiments.audit --smoke --work /tmp/auditwork --out /tmp/auditout   # ≈ 4-5 min, 2 cores, cold
-    python -m experiments.audit --quick --out DIR                                   # CPU study, ≈ 20-25 min
+    python -m experiments.audit --quick --out DIR                                   # CPU study (fine geometry, 1 seed), ≤ 20 min
     python -m experiments.audit --out DIR                                           # full: meant for a GPU
 
 Writes ``OUT/audit.json``, ``OUT/audit_cells.parquet`` (one row per test cell per model)
@@ -55,6 +59,11 @@ from experiments.confounders import MODES, SHORTCUTS
 
 CONTROLS = ("untrained", "permuted")
 """Control models, scored on the cell plate."""
+PLATES: dict[str, dict[str, float]] = {**MODES, "neighbor_only": MODES["neighbor"]}
+"""Study mode → the signal of its plate. ``neighbor_only`` is the neighbor plate with only its
+unmarked cells as the cells of interest (trained and tested on): the central cell never
+carries the dose, only its marked neighbours do, so the model's evidence is all context."""
+SHORTCUT_MODES = (*SHORTCUTS, "neighbor_only")
 REGIONS = ("background", "neighbors", "cell", "context")
 FILLS = ("noise", "blur", "mean", "swap")
 ORIENTATION_TEXT = ("+1: higher = more reliant on the central cell (expected higher in the cell model and in "
@@ -114,8 +123,9 @@ class Config:
     """Study size. `QUICK` is the CPU setting, `SMOKE` a ≤ 4-minute check; the default is meant for a GPU."""
 
     geometries: tuple[Geometry, ...] = (
-        tiny(study.PlateSpec(wells_per_dose=12, sites_per_well=3), seeds=(0, 1, 2, 3, 4)),
-        fine(study.PlateSpec(wells_per_dose=12, sites_per_well=3), seeds=(0, 1, 2, 3, 4), batch=32, time_cells=128),
+        tiny(study.PlateSpec(wells_per_dose=12, sites_per_well=3), seeds=(0, 1, 2, 3, 4), modes=tuple(PLATES)),
+        fine(study.PlateSpec(wells_per_dose=12, sites_per_well=3), seeds=(0, 1, 2, 3, 4), modes=tuple(PLATES),
+             batch=32, time_cells=128),
     )
     steps: int = 600
     layers: tuple[str, ...] = ("stem", "stage1", "stage2")
@@ -129,15 +139,18 @@ class Config:
 
 QUICK = Config(
     geometries=(
-        tiny(study.PlateSpec(wells_per_dose=8, sites_per_well=2), seeds=(0, 1, 2)),
-        # ≈ 2.5× the CPU time of a tiny model per trained model: one seed, the cell model, the two
-        # spatially separable shortcuts (background; neighbor, also marked vs unmarked cells) and
-        # the untrained control; one site per well.
-        fine(study.PlateSpec(wells_per_dose=8, sites_per_well=1), seeds=(0,), modes=("cell", "background", "neighbor"),
+        tiny(study.PlateSpec(wells_per_dose=8, sites_per_well=2), seeds=(0, 1, 2), modes=tuple(PLATES)),
+        # ≈ 3 min per trained model on 2 idle cores (plate, training, every measure): one seed, the
+        # cell model, the two spatially separable shortcuts (background; neighbours only) and the
+        # untrained control, one site per well. More with --modes/--seeds/--controls.
+        fine(study.PlateSpec(wells_per_dose=8, sites_per_well=1), seeds=(0,), modes=("cell", "background", "neighbor_only"),
              controls=("untrained",)),
     ),
     steps=200,
 )
+QUICK_GEOMETRIES = ("fine",)
+"""--quick runs the fine geometry unless --geometries names others: the tiny geometry's 24
+models (3 seeds) take ≈ 30 min more, and its measures separate little (experiments/README.md)."""
 SMOKE = Config(
     geometries=(
         tiny(study.PlateSpec(wells_per_dose=4, sites_per_well=2), seeds=(0,), modes=("cell", "neighbor"), time_cells=32),
@@ -203,6 +216,45 @@ def permuted_dataset(root: Path, data: Path, seed: int, num_classes: int) -> Pat
     return out
 
 
+def unmarked_dataset(root: Path, data: Path) -> Path:
+    """A copy of the neighbor plate's cell dataset `data` holding only its unmarked cells (the
+    ground truth's ``Marked`` False); the crops and the plate folder are shared through symlinks."""
+    from gradcamo_jax.data import formats, synthetic
+
+    out = root / "unmarked" / "data"
+    if (out / formats.CELLS_FILE).exists():
+        return out
+    cells = formats.read_cells(data)
+    truth = formats.read_table(data.parent / "plate" / synthetic.GROUND_TRUTH_TABLE)
+    keys = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber") if c in truth]
+    marked = cells[keys].merge(truth[keys + ["Marked"]], on=keys, how="left", validate="one_to_one")["Marked"]
+    if marked.isna().any():
+        raise RuntimeError(f"{data}: {int(marked.isna().sum())} cells have no ground-truth row")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, target in (("crops.zarr", data / "crops.zarr"), ("plate", data.parent / "plate")):
+        link = (out / name) if name == "crops.zarr" else out.parent / name
+        if not link.exists():
+            os.symlink(os.path.relpath(target, link.parent), link)
+    formats.write_cells(cells[~marked.to_numpy(bool)].reset_index(drop=True), out)
+    return out
+
+
+def kind_of(mode: str) -> str:
+    """How the model of a study mode is made: a control's name, "unmarked" (trained on the
+    neighbor plate's unmarked cells) or "trained"."""
+    return mode if mode in CONTROLS else "unmarked" if mode == "neighbor_only" else "trained"
+
+
+def signal_of(mode: str) -> dict[str, float]:
+    """The plate a mode's model is trained on (controls: the cell plate)."""
+    return MODES["cell"] if mode in CONTROLS else PLATES[mode]
+
+
+def cells_of_interest(root: Path, data: Path, mode: str) -> Path:
+    """The dataset whose test cells a mode's model is scored on."""
+    return unmarked_dataset(root, data) if kind_of(mode) == "unmarked" else data
+
+
 def load_rows(data: Path, split: str, limit: int | None = None, classes: tuple[int, ...] | None = None) -> np.ndarray:
     """Images ``(n, Z, Y, X, C)`` of the first `limit` cells of `split` (of `classes` only)."""
     from gradcamo_jax.config import DataConfig
@@ -252,10 +304,12 @@ def fit(kind: str, mode: str, root: Path, data: Path, seed: int, geometry: Geome
     from gradcamo_jax import EfficientNet, audit
 
     cfg = study.train_config(geometry.plate, config.steps, seed)
-    if kind in ("trained", "permuted"):
+    if kind in ("trained", "permuted", "unmarked"):
         train_data, workdir = data, root
         if kind == "permuted":  # the cell plate with its labels permuted across wells, in its own run folder
             train_data, workdir = permuted_dataset(root, data, seed, geometry.plate.num_classes), root / "permuted"
+        if kind == "unmarked":  # the neighbor plate's unmarked cells only, in its own run folder
+            train_data, workdir = unmarked_dataset(root, data), root / "unmarked"
         trained, variables, info = study.train_model(train_data, workdir / f"run_{config.steps}steps", cfg)
         return Fitted(EfficientNet(trained.model), variables, info)
     # untrained: as confounders.run_untrained (initial weights of this seed, BatchNorm calibrated)
@@ -409,8 +463,7 @@ class Study:
 
         from gradcamo_jax.data import formats
 
-        kind = mode if mode in CONTROLS else "trained"
-        signal = MODES["cell"] if kind != "trained" else MODES[mode]
+        kind, signal = kind_of(mode), signal_of(mode)
         root = plate_root(self.work, geometry, signal, seed)
         tag = f"audit_{kind}_{self.config.steps}steps"
         table, meta = root / f"{tag}.parquet", root / f"{tag}.json"
@@ -423,6 +476,7 @@ class Study:
         t1 = time.perf_counter()
         fitted = fit(kind, mode, root, data, seed, geometry, self.config)
         t2 = time.perf_counter()
+        data = cells_of_interest(root, data, mode)
         images, masks, cells = study.load_split(data, "test")
         donors = donor_crops(load_rows(data, "train", self.config.donors, classes=(0,)), len(images), seed)
         noise = jax.random.fold_in(jax.random.key(seed), 2)
@@ -454,8 +508,7 @@ class Study:
         from gradcamo_jax import audit
         from gradcamo_jax.data import formats
 
-        kind = mode if mode in CONTROLS else "trained"
-        signal = MODES["cell"] if kind != "trained" else MODES[mode]
+        kind, signal = kind_of(mode), signal_of(mode)
         root = plate_root(self.work, geometry, signal, seed)
         per_class = self.config.swap_donors
         path = root / f"interchange_{kind}_{self.config.steps}steps_{per_class}d.parquet"
@@ -463,6 +516,7 @@ class Study:
             t0 = time.perf_counter()
             data = make_plate(root, signal, seed, geometry)
             fitted = fitted or fit(kind, mode, root, data, seed, geometry, self.config)
+            data = cells_of_interest(root, data, mode)
             images, masks, test = study.load_split(data, "test")
             keys = ["Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber"]
             if not test[keys].reset_index(drop=True).equals(cells[keys].reset_index(drop=True)):
@@ -657,7 +711,7 @@ def auroc_vs_cell_model(cells: pd.DataFrame, measures: list[str]) -> dict:
                     for s in seeds if (s, "cell") in groups and (s, other) in groups}
             if vals:
                 out[measure][other] = _per_seed(vals)
-        shortcuts = [out[measure][m]["mean"] for m in SHORTCUTS if m in out[measure]]
+        shortcuts = [out[measure][m]["mean"] for m in SHORTCUT_MODES if m in out[measure]]
         out[measure]["mean_over_shortcuts"] = float(np.mean(shortcuts)) if shortcuts else float("nan")
     return out
 
@@ -814,7 +868,7 @@ def summarize_geometry(cells: pd.DataFrame, sanity: pd.DataFrame | None = None, 
     def rule_seed_mean_over_shortcuts(m: str) -> float:
         """`auroc_vs_cell_model`'s ``mean_over_shortcuts`` of the rule seed alone, from `auc`'s per-seed values."""
         vals = [auc[m][o]["per_seed"][auc[m][o]["seeds"].index(rule_seed)]
-                for o in SHORTCUTS if o in auc[m] and rule_seed in auc[m][o]["seeds"]]
+                for o in SHORTCUT_MODES if o in auc[m] and rule_seed in auc[m][o]["seeds"]]
         return float(np.mean(vals)) if vals else float("nan")
 
     for prefix, group in (("raw", gcs), ("corrected", cgcs)):
@@ -875,7 +929,7 @@ def plot(summary: dict, path: Path) -> Path:
                 flag = f" [ctrl Δ {sane[f]['mean_abs_change']['mean']:.2f}{', too strong' if sane[f]['too_strong_in'] else ''}]"
             labels.append(f"{m} ({'+' if s['measures'][m]['orientation'] > 0 else '−'}){flag}")
         ax = axes[row, 0]
-        others = [m for m in (*SHORTCUTS, *CONTROLS) if any(m in s["auroc_cell_model_vs"][x] for x in measures)]
+        others = [m for m in (*SHORTCUT_MODES, *CONTROLS) if any(m in s["auroc_cell_model_vs"][x] for x in measures)]
         table = np.array([[s["auroc_cell_model_vs"][x].get(o, {}).get("mean", np.nan) for o in others] for x in measures])
         im = ax.imshow(table, vmin=0, vmax=1, cmap="RdBu_r", aspect="auto")
         ax.set_xticks(range(len(others)), others)
@@ -919,7 +973,7 @@ def report(summary: dict) -> None:
         for mode, r in s["models"].items():
             print(f"  {mode:11s} acc {r['accuracy']['mean']:.3f} ± {r['accuracy']['sd']:.3f}  cells {r['cells']}")
         auc = s["auroc_cell_model_vs"]
-        others = [m for m in (*SHORTCUTS, *CONTROLS) if any(m in auc[x] for x in auc)]
+        others = [m for m in (*SHORTCUT_MODES, *CONTROLS) if any(m in auc[x] for x in auc)]
         mv = s["marked_vs_unmarked"]
         print(f"  {'measure':24s} {'sgn':>3s} " + " ".join(f"{o[:10]:>10s}" for o in others)
               + f" {'mean sc':>8s} {'marked':>7s} {'verdict':>8s}")
@@ -951,7 +1005,8 @@ def report(summary: dict) -> None:
 def build_config(args) -> Config:
     base = SMOKE if args.smoke else QUICK if args.quick else Config()
     geoms = base.geometries
-    names = args.geometries or (SMOKE_GEOMETRIES if args.smoke else tuple(g.name for g in geoms))
+    names = args.geometries or (SMOKE_GEOMETRIES if args.smoke else QUICK_GEOMETRIES if args.quick
+                                else tuple(g.name for g in geoms))
     geoms = tuple(g for g in geoms if g.name in names)
     if args.seeds:
         geoms = tuple(dataclasses.replace(g, seeds=tuple(args.seeds)) for g in geoms)
@@ -966,11 +1021,12 @@ def build_config(args) -> Config:
 
 
 def main(argv=None) -> dict:
-    p = study.arg_parser(__doc__, "CPU setting: tiny geometry 5 modes x 3 seeds + controls, fine geometry cell + background "
-                                  "+ neighbor x 1 seed + untrained, 200 steps")
+    p = study.arg_parser(__doc__, "CPU setting (<= 20 min on 2 cores): fine geometry (9x64x64 crops), seed 0, the cell, "
+                                  "background and neighbor_only models + the untrained control, 200 steps; "
+                                  "--geometries tiny adds the tiny geometry's 6 modes x 3 seeds + 2 controls")
     p.add_argument("--smoke", action="store_true",
                    help="pipeline check: 1 seed, cell + neighbor + controls, 40 steps, small plates, 2 layers, tiny geometry")
-    p.add_argument("--modes", nargs="+", choices=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=list(PLATES))
     p.add_argument("--geometries", nargs="+", choices=["tiny", "fine"])
     p.add_argument("--controls", nargs="*", choices=list(CONTROLS),
                    help="control models scored on the cell plate (default: the setting's; none with no names)")
@@ -994,7 +1050,7 @@ def main(argv=None) -> dict:
     summary = summarize(cells, sanity, cost)
     import jax
 
-    summary["setup"] = {"config": dataclasses.asdict(config), "modes": MODES, "shortcuts": SHORTCUTS,
+    summary["setup"] = {"config": dataclasses.asdict(config), "modes": PLATES, "shortcuts": SHORTCUT_MODES,
                         "backend": jax.default_backend(), "devices": jax.device_count(),
                         "wall_s": round(time.perf_counter() - t0, 1),
                         "command": "python -m experiments.audit " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -208,3 +208,25 @@ def test_swap_donors_come_from_every_class_pool_and_vary_between_cells():
     assert audit.orientation("xri") == -1
     assert audit.measure_columns(pd.DataFrame(columns=["xri", "swap_valid", "swap_cell", "gc_stem_gradcam"])) == [
         "gc_stem_gradcam", "swap_cell", "xri"]
+
+
+def test_unmarked_dataset_keeps_the_unmarked_cells_and_their_store_rows(tmp_path):
+    from gradcamo_jax.data import formats
+
+    root = tmp_path / "neighbor2" / "seed0"
+    data = root / "data"
+    (data / "crops.zarr").mkdir(parents=True)
+    keys = {"Metadata_Plate": "P", "Metadata_Well": ["A01", "A01", "B02", "B02", "C03"],
+            "Metadata_Site": 1, "Metadata_ObjectNumber": [1, 2, 1, 2, 1]}
+    cells = pd.DataFrame({**keys, "Metadata_Row": np.arange(5), "Metadata_Class": [0, 0, 1, 1, 2]})
+    formats.write_cells(cells, data)
+    truth = pd.DataFrame(keys).assign(Marked=[True, False, False, True, False]).iloc[::-1]  # another row order
+    formats.write_table(truth, root / "plate" / "ground_truth.parquet")
+    out = audit.unmarked_dataset(root, data)
+    kept = formats.read_cells(out)
+    assert kept["Metadata_Row"].tolist() == [1, 2, 4]
+    assert (out / "crops.zarr").resolve() == (data / "crops.zarr").resolve()
+    assert (out.parent / "plate" / "ground_truth.parquet").exists()
+    assert audit.kind_of("neighbor_only") == "unmarked" and audit.signal_of("neighbor_only") == audit.MODES["neighbor"]
+    assert audit.kind_of("permuted") == "permuted" and audit.signal_of("untrained") == audit.MODES["cell"]
+    assert audit.cells_of_interest(root, data, "neighbor") == data
