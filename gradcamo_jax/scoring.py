@@ -395,6 +395,8 @@ def remedy_logits(model: EfficientNet, variables, remedy: str = "none", factor: 
 
 SWAP_POOL_PER_CLASS = 8
 """Donor cells kept per predicted class (the most confident of the sampled pool)."""
+SWAP_POOL_FILE = "swap_pool.json"
+"""The interchange donors of a profile folder (`SwapPool.describe`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,8 +439,9 @@ class SwapPool:
         return np.concatenate(cols, axis=1)
 
     def describe(self) -> dict:
+        """The pool as JSON: donor rows, their predicted class and its probability, donors per class."""
         return {"rows": [int(r) for r in self.rows], "predicted": [int(p) for p in self.predicted],
-                "per_class": self.per_class}
+                "probability": [float(p) for p in self.prob], "per_class": self.per_class, "seed": self.seed}
 
 
 @jax.jit
@@ -609,6 +612,8 @@ def score_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         _check_manifest(out_dir, manifest)
+        if pool is not None:  # which cells lent their context and cell to the interchange columns
+            formats.write_json(pool.describe(), out_dir / SWAP_POOL_FILE)
     n = len(cells)
     bounds = part_bounds(n, config.rows_per_shard)
     mine = assigned_parts(len(bounds), shard, (jax.process_index(), jax.process_count()))

@@ -399,3 +399,5 @@ def test_audit_columns_equal_the_audit_library_per_cell(tmp_path):
         np.testing.assert_allclose(prof[col], want, rtol=1e-4, atol=1e-5, err_msg=col)
     np.testing.assert_array_equal(prof["Metadata_Audit_InterchangeDonors"], np.asarray(ref.valid).sum(1))
     assert np.isfinite(prof["Metadata_Audit_FollowContext"]).any()
+    recorded = formats.read_json(tmp_path / "p" / scoring.SWAP_POOL_FILE)
+    assert recorded["rows"] == pool.rows.tolist() and recorded["predicted"] == pool.predicted.tolist()
