@@ -139,8 +139,11 @@ def _add_score(p: argparse.ArgumentParser) -> None:
                    "its cells exactly once (after all shards), and write complete.json")
     p.add_argument("--layer", default="auto", help="layer Grad-CAM explains (stem, stage1…stage7, top); 'auto': the "
                    "deepest whose map keeps >= 8 voxels in Y and X on these crops")
-    p.add_argument("--audit", action="store_true", help="also write the audit per cell: counterfactual reliance on "
-                   "background, neighbours and the cell, and Grad-CAMO corrected by a random-weights model")
+    p.add_argument("--audit", action="store_true", help="also write the audit per cell: the interchange index (does "
+                   "the prediction follow the cell or its context?), counterfactual reliance on background, neighbours "
+                   "and the cell, and Grad-CAMO corrected by a random-weights model")
+    p.add_argument("--audit-swap-donors", type=int, default=2, help="with --audit: donors per class of the interchange "
+                   "columns (each costs 3 forwards per cell and class; 0 = no interchange columns)")
     p.add_argument("--allow-coarse-layer", action="store_true", help="score even when the layer's map has < 4 voxels in "
                    "Y or X (the scores then mostly restate each cell's volume fraction)")
     p.add_argument("--method", default="gradcam", help="gradcam, gradcam++, hirescam, layercam, xgradcam")
@@ -176,7 +179,8 @@ def _run_score(args: argparse.Namespace) -> int:
     layers = tuple(x for x in args.feature_layers.split(",") if x)
     config = ScoreConfig(layer=args.layer, method=args.method, feature_layers=layers, batch_size=args.batch_size,
                          rows_per_shard=args.rows_per_shard, cam_sample=args.cam_sample,
-                         allow_coarse_layer=args.allow_coarse_layer, audit=args.audit)
+                         allow_coarse_layer=args.allow_coarse_layer, audit=args.audit,
+                         audit_swap_donors=args.audit_swap_donors)
     # The run's DataConfig: its crop, binning and any inference-time context remedy (mask, attenuate).
     stats = score_dataset(model, variables, args.data, args.out, config, data_config=train_cfg.data, shard=shard,
                           progress=not args.no_progress)

@@ -172,6 +172,11 @@ def test_mask_model_has_zero_context_reliance(tiny3d):
     cri = np.asarray(res.cri)
     assert np.isfinite(cri).any() and np.all(cri[np.isfinite(cri)] == 0)
     assert np.any(np.abs(np.asarray(res.drops[:, res.regions.index("cell")])) > 0)
+    # The interchange test agrees: swapping in another cell's context moves nothing.
+    order = np.stack([(np.arange(4) + k) % 4 for k in (1, 2, 3)], axis=1)
+    sw = audit.interchange(fn, images, masks, images[order], masks[order])
+    np.testing.assert_array_equal(np.asarray(sw.shift_context), 0.0)
+    assert np.any(np.abs(np.asarray(sw.shift_cell)) > 0)
     att = audit.reliance(remedy_logits(tiny3d.model, tiny3d.variables, "attenuate", 0.25), images, masks,
                          key=jax.random.key(0), donors=donors, settings=settings)
     assert np.any(np.asarray(att.drop("context", "noise")) != 0)
@@ -276,5 +281,14 @@ def test_training_records_the_remedy_and_validates_through_it(tmp_path):
     data = make_store(tmp_path / "data")
     assert cli.main(["score", "--checkpoint", str(tmp_path / "mask"), "--step", "latest", "--data", str(data),
                      "--out", str(tmp_path / "scored"), "--layer", "stage1", "--batch-size", "4",
-                     "--no-progress"]) == 0
-    assert formats.read_json(tmp_path / "scored" / "manifest.json")["context_remedy"]["remedy"] == "mask"
+                     "--audit", "--audit-swap-donors", "1", "--no-progress"]) == 0
+    manifest = formats.read_json(tmp_path / "scored" / "manifest.json")
+    assert manifest["context_remedy"]["remedy"] == "mask" and manifest["audit"]["swap_donors"] == 1
+    # Through the run's transform, a masked model's prediction cannot follow a swapped context:
+    # the context swap's masked input is the original's, bit for bit.
+    from gradcamo_jax.scoring import read_profiles
+
+    prof = read_profiles(tmp_path / "scored")
+    fc = prof["Metadata_Audit_FollowContext"]
+    assert ((fc == 0) | fc.isna()).all()
+    assert (prof["Metadata_Audit_Drop_Context_Noise"] == 0).all()
