@@ -32,7 +32,7 @@ model's cell); measures marked −1 (context drops, CRI: "higher context relianc
 shortcut") are negated before ranking, so 0.5 is no separation and 1 perfect for all.
 
     python -m experiments.audit --smoke --work /tmp/auditwork --out /tmp/auditout   # ≈ 4-5 min, 2 cores, cold
-    python -m experiments.audit --quick --out DIR                                   # CPU study (fine geometry, 1 seed), ≤ 20 min
+    python -m experiments.audit --quick --out DIR                                   # CPU study (fine_fixed, 1 seed), ≤ 20 min
     python -m experiments.audit --out DIR                                           # full: meant for a GPU
 
 Writes ``OUT/audit.json``, ``OUT/audit_cells.parquet`` (one row per test cell per model)
@@ -109,13 +109,25 @@ and its neighbours as 5×32×32 crops do on the demo preset, at twice the resolu
 stem's map is 9×32×32 and stage2's 5×16×16 (tiny: 5×16×16 and 3×8×8)."""
 
 
+FIXED_RANGE = (100.0, 1000.0)
+"""The fine_fixed geometry's `PlateSpec.intensity_range` (the synthetic camera's offset, and a
+level above its brightest voxels)."""
+
+
 def tiny(plate: study.PlateSpec, **kw) -> Geometry:
     return Geometry("tiny", plate, **kw)
 
 
-def fine(plate: study.PlateSpec, **kw) -> Geometry:
-    return Geometry("fine", dataclasses.replace(plate, crop_size=(9, 64, 64)), FINE_SYNTH,
+def fine(plate: study.PlateSpec, name: str = "fine", **kw) -> Geometry:
+    return Geometry(name, dataclasses.replace(plate, crop_size=(9, 64, 64)), FINE_SYNTH,
                     blur_sigma=(1.0, 4.0, 4.0), **{"batch": 8, "time_cells": 64, **kw})
+
+
+def fine_fixed(plate: study.PlateSpec, **kw) -> Geometry:
+    """The fine geometry cropped with a fixed intensity range instead of per-site percentiles,
+    so no cell's intensities depend on the rest of its site (the neighbor plate's unmarked
+    cells carry no dose in their own voxels)."""
+    return fine(dataclasses.replace(plate, intensity_range=FIXED_RANGE), name="fine_fixed", **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +138,8 @@ class Config:
         tiny(study.PlateSpec(wells_per_dose=12, sites_per_well=3), seeds=(0, 1, 2, 3, 4), modes=tuple(PLATES)),
         fine(study.PlateSpec(wells_per_dose=12, sites_per_well=3), seeds=(0, 1, 2, 3, 4), modes=tuple(PLATES),
              batch=32, time_cells=128),
+        fine_fixed(study.PlateSpec(wells_per_dose=12, sites_per_well=3), seeds=(0, 1, 2, 3, 4), modes=tuple(PLATES),
+                   batch=32, time_cells=128),
     )
     steps: int = 600
     layers: tuple[str, ...] = ("stem", "stage1", "stage2")
@@ -145,12 +159,15 @@ QUICK = Config(
         # untrained control, one site per well. More with --modes/--seeds/--controls.
         fine(study.PlateSpec(wells_per_dose=8, sites_per_well=1), seeds=(0,), modes=("cell", "background", "neighbor_only"),
              controls=("untrained",)),
+        fine_fixed(study.PlateSpec(wells_per_dose=8, sites_per_well=1), seeds=(0,),
+                   modes=("cell", "background", "neighbor_only"), controls=("untrained",)),
     ),
     steps=200,
 )
-QUICK_GEOMETRIES = ("fine",)
-"""--quick runs the fine geometry unless --geometries names others: the tiny geometry's 24
-models (3 seeds) take ≈ 30 min more, and its measures separate little (experiments/README.md)."""
+QUICK_GEOMETRIES = ("fine_fixed",)
+"""--quick runs the fine geometry cropped with a fixed intensity range (no normalisation leak
+between a cell and its site) unless --geometries names others: the tiny geometry's 24 models
+(3 seeds) take ≈ 30 min more, and its measures separate little (experiments/README.md)."""
 SMOKE = Config(
     geometries=(
         tiny(study.PlateSpec(wells_per_dose=4, sites_per_well=2), seeds=(0,), modes=("cell", "neighbor"), time_cells=32),
@@ -1021,13 +1038,13 @@ def build_config(args) -> Config:
 
 
 def main(argv=None) -> dict:
-    p = study.arg_parser(__doc__, "CPU setting (<= 20 min on 2 cores): fine geometry (9x64x64 crops), seed 0, the cell, "
-                                  "background and neighbor_only models + the untrained control, 200 steps; "
-                                  "--geometries tiny adds the tiny geometry's 6 modes x 3 seeds + 2 controls")
+    p = study.arg_parser(__doc__, "CPU setting (<= 20 min on 2 cores): fine_fixed geometry (9x64x64 crops, fixed "
+                                  "intensity range), seed 0, the cell, background and neighbor_only models + the untrained "
+                                  "control, 200 steps; --geometries names others (tiny: 6 modes x 3 seeds + 2 controls)")
     p.add_argument("--smoke", action="store_true",
                    help="pipeline check: 1 seed, cell + neighbor + controls, 40 steps, small plates, 2 layers, tiny geometry")
     p.add_argument("--modes", nargs="+", choices=list(PLATES))
-    p.add_argument("--geometries", nargs="+", choices=["tiny", "fine"])
+    p.add_argument("--geometries", nargs="+", choices=["tiny", "fine", "fine_fixed"])
     p.add_argument("--controls", nargs="*", choices=list(CONTROLS),
                    help="control models scored on the cell plate (default: the setting's; none with no names)")
     args = p.parse_args(argv)

@@ -39,11 +39,17 @@ class PlateSpec:
         to 1, so a brighter cell plate gets a relatively darker background with dose, which
         a "cell" model reads, putting much of its attention on background
         (experiments/README.md, 'Measurements behind default settings'). The cell signal is
-        then the ER spread, Mito puncta and nucleus size, which normalisation does not move.
+        then the ER spread, Mito puncta and nucleus size. These still move a site's 99.8th
+        percentile: on the neighbor plate, unmarked cells' own ER and Mito intensities fall
+        with dose after normalisation (experiments/README.md, audit study), which
+        `intensity_range` avoids.
       background_level: `SynthConfig.background_level`. The default 0.6 makes the
         background speckles the brightest voxels of the RNA channel, so normalisation
         dims the cells with dose (same section) and a "background" model can read the dose
         from the cells; at 0.25 the cells' percentiles are unmoved.
+      intensity_range: `CropConfig.intensity_range`: a fixed raw (low, high) for every site
+        instead of per-site percentiles; None = percentiles. The synthetic camera's offset
+        is ~100 and its brightest voxels stay below ~1000.
     """
 
     preset: str = "demo"
@@ -54,6 +60,7 @@ class PlateSpec:
     split_fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
     cell_gain: float = 0.0
     background_level: float = 0.25
+    intensity_range: tuple[float, float] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -94,7 +101,8 @@ def plate_dir(work: Path, signal: dict[str, float], seed: int, plate: PlateSpec)
     ``background1.5+cell0.5/seed0_8w2s``), so a rerun with other settings never reuses a
     stale plate and the two studies can share a work folder."""
     name = "+".join(f"{k}{v:g}" for k, v in sorted(signal.items()))
-    return work / name / f"seed{seed}_{plate.wells_per_dose}w{plate.sites_per_well}s"
+    fixed = "" if plate.intensity_range is None else "_range{:g}-{:g}".format(*plate.intensity_range)
+    return work / name / f"seed{seed}_{plate.wells_per_dose}w{plate.sites_per_well}s{fixed}"
 
 
 def make_dataset(root: Path, signal, seed: int, plate: PlateSpec, synth: dict | None = None) -> Path:
@@ -113,7 +121,8 @@ def make_dataset(root: Path, signal, seed: int, plate: PlateSpec, synth: dict | 
                                         **(synth or {}))
             plate_map = synthetic.write_plate(cfg, root / "plate")
         crop.crop_plate(plate_map, data, crop.CropConfig(crop_size=plate.crop_size, min_volume=20, workers=0,
-                                                         split_fractions=plate.split_fractions, split_seed=seed))
+                                                         split_fractions=plate.split_fractions, split_seed=seed,
+                                                         intensity_range=plate.intensity_range))
     return data
 
 

@@ -35,6 +35,19 @@ def test_normalize_matches_np_percentile():
     assert out.max() > 1  # not clipped by default
     clipped, _, _ = C.normalize(x, (1.0, 99.8), clip=True)
     assert clipped.min() == 0 and clipped.max() == 1
+    # A fixed range: the same affine map for every channel, whatever the site's own percentiles.
+    fixed, lo, hi = C.normalize(x, (1.0, 99.8), intensity_range=(50.0, 450.0))
+    np.testing.assert_array_equal(lo, 50.0)
+    np.testing.assert_array_equal(hi, 450.0)
+    np.testing.assert_allclose(fixed, (x - 50.0) / 400.0, rtol=1e-6, atol=1e-6)
+    brighter = x.copy()
+    brighter[0, 0, 0, :3] *= 10  # a few bright voxels move the site's 99.8th percentile ...
+    assert not np.allclose(C.normalize(brighter, (1.0, 99.8))[0][1:], out[1:])
+    np.testing.assert_array_equal(C.normalize(brighter, intensity_range=(50.0, 450.0))[0][1:], fixed[1:])  # ... not this
+    with pytest.raises(ValueError, match="intensity_range"):
+        C.CropConfig(intensity_range=(5.0, 5.0))
+    assert "intensity_range" not in C.CropConfig().crop_settings()
+    assert C.CropConfig(intensity_range=(0, 4095)).crop_settings()["intensity_range"] == [0.0, 4095.0]
 
 
 def test_measure_cells_matches_scipy():

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: FileName_Labels)")
     p.add_argument("--crop", type=_ints, default=(21, 128, 128), help="crop size Z,Y,X (default 21,128,128)")
     p.add_argument("--percentiles", type=_floats, default=(1.0, 99.8), help="normalisation percentiles LOW,HIGH")
+    p.add_argument("--intensity-range", type=_floats, default=None,
+                   help="fixed raw LOW,HIGH mapped to 0 and 1 for every site and channel, instead of each site's "
+                   "percentiles (use when a treatment changes a field's brightest voxels)")
     p.add_argument("--clip", action="store_true", help="clip normalised intensities to [0, 1]")
     p.add_argument("--min-volume", type=int, default=50, help="drop (and count) labels with fewer voxels")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
@@ -64,7 +67,8 @@ def config_from_args(args: argparse.Namespace) -> crop.CropConfig:
     if args.channels:
         kwargs["channels"] = tuple(c.strip() for c in args.channels.split(","))
     return crop.CropConfig(
-        crop_size=args.crop, percentiles=args.percentiles, clip=args.clip, min_volume=args.min_volume,
+        crop_size=args.crop, percentiles=args.percentiles, intensity_range=args.intensity_range, clip=args.clip,
+        min_volume=args.min_volume,
         dtype=args.dtype, stack_axes=args.axes, labels_dir=args.labels_dir,
         center_z={"auto": None, "cell": True, "stack": False}[args.center_z],
         split_fractions=args.split, split_seed=args.split_seed, workers=args.workers, **kwargs,

@@ -88,6 +88,12 @@ class CropConfig:
       crop_size: crop (Z, Y, X) in voxels; the paper's 21×128×128 by default. Sites with one
         plane (2D plates) are cropped to one plane whatever Z says (`site_crop_size`).
       percentiles: (low, high) percentiles mapped to 0 and 1, per site and channel.
+      intensity_range: fixed raw (low, high) intensities mapped to 0 and 1 for every site and
+        channel instead of each site's `percentiles` (e.g. the camera's offset and a level
+        near saturation); None = percentiles. Per-site percentiles move with a field's
+        brightest voxels, so a treatment that brightens some cells dims every other cell of
+        its site after normalisation (experiments/README.md, audit study); a fixed range
+        does not.
       clip: clip normalised values to [0, 1].
       min_volume: labels with fewer voxels are dropped from the dataset (and counted).
       dtype: stored image dtype, "float16" (half the bytes; ~3 significant digits)
@@ -112,6 +118,7 @@ class CropConfig:
 
     crop_size: tuple[int, int, int] = (21, 128, 128)
     percentiles: tuple[float, float] = (1.0, 99.8)
+    intensity_range: tuple[float, float] | None = None
     clip: bool = False
     min_volume: int = 50
     dtype: str = "float16"
@@ -131,33 +138,45 @@ class CropConfig:
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"percentiles must satisfy 0 ≤ low < high ≤ 100, got {self.percentiles}")
+        if self.intensity_range is not None:
+            object.__setattr__(self, "intensity_range", tuple(float(v) for v in self.intensity_range))
+            if len(self.intensity_range) != 2 or not self.intensity_range[0] < self.intensity_range[1]:
+                raise ValueError(f"intensity_range must be (low, high) with low < high, got {self.intensity_range}")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype}")
         splits.check_fractions(self.split_fractions, "CropConfig.split_fractions")
 
     def crop_settings(self) -> dict:
         """The settings that change crop content (must agree across the parts of one dataset)."""
-        return {"crop_size": list(self.crop_size), "percentiles": list(self.percentiles), "clip": self.clip,
-                "min_volume": self.min_volume, "dtype": self.dtype, "channels": list(self.channels),
-                "center_z": self.center_z}
+        out = {"crop_size": list(self.crop_size), "percentiles": list(self.percentiles), "clip": self.clip,
+               "min_volume": self.min_volume, "dtype": self.dtype, "channels": list(self.channels),
+               "center_z": self.center_z}
+        if self.intensity_range is not None:  # (absent otherwise: parts cropped before the field stay valid)
+            out["intensity_range"] = list(self.intensity_range)
+        return out
 
 
 # ----------------------------------------------------------------------------- pure per-site steps
 
 
-def normalize(stack_zcyx: np.ndarray, percentiles=(1.0, 99.8), clip: bool = False):
-    """Per-channel percentile rescaling of one site.
+def normalize(stack_zcyx: np.ndarray, percentiles=(1.0, 99.8), clip: bool = False,
+              intensity_range: tuple[float, float] | None = None):
+    """Per-channel rescaling of one site: its own percentiles, or a fixed range.
 
     Args:
       stack_zcyx: (Z, C, Y, X) float.
+      intensity_range: fixed raw (low, high) for every channel instead of the percentiles.
     Returns:
-      (normalised (Z, C, Y, X) float32, lo (C,), hi (C,)) with lo/hi the percentiles.
-      When a channel's two percentiles coincide (a sparse channel), hi falls back to
-      the channel maximum so the division stays finite.
+      (normalised (Z, C, Y, X) float32, lo (C,), hi (C,)) with lo/hi the percentiles (or the
+      fixed range). When a channel's two percentiles coincide (a sparse channel), hi falls
+      back to the channel maximum so the division stays finite.
     """
     x = np.asarray(stack_zcyx, np.float32)
     per_c = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
-    lo, hi = np.percentile(per_c, percentiles, axis=1).astype(np.float64)
+    if intensity_range is not None:
+        lo, hi = (np.full(x.shape[1], float(v)) for v in intensity_range)
+    else:
+        lo, hi = np.percentile(per_c, percentiles, axis=1).astype(np.float64)
     hi = np.where(hi > lo, hi, per_c.max(axis=1))
     scale = np.where(hi > lo, hi - lo, 1.0)
     out = (x - lo[None, :, None, None].astype(np.float32)) / scale[None, :, None, None].astype(np.float32)
@@ -333,7 +352,7 @@ def process_site(row: dict, parts_dir: str | os.PathLike, config: CropConfig) ->
     lpath = labels_path(row, config)
     labels = formats.read_labels(lpath, expect_shape=stack.shape)
     table, n_small = select_cells(labels, config.min_volume)
-    normed, lo, hi = normalize(stack, config.percentiles, config.clip)
+    normed, lo, hi = normalize(stack, config.percentiles, config.clip, config.intensity_range)
     del stack
     normed = np.ascontiguousarray(np.moveaxis(normed, 1, -1))  # ZYXC: one slice per crop
     n = len(table)
