@@ -313,7 +313,17 @@ AUDIT_READING = (
     "<p><b>What you may conclude</b> (the audit study, experiments/README.md, synthetic plates with a planted "
     "shortcut): {validated}</p>"
 )
-AUDIT_VALIDATED = "see experiments/README.md (audit study)."
+AUDIT_VALIDATED = (
+    "at 9×64×64 crops, over three training seeds, the index told a model that reads a background shortcut from one "
+    "that reads the cell at per-cell AUROC 0.92–0.98 (Grad-CAMO at a mid layer: 0.56–0.77). Against a model that "
+    "reads the neighbouring cells it reached 0.85 and 0.87 in two of three seeds (0.56 in the third), and nothing when sites "
+    "were normalised by their own percentiles, which put the neighbours' treatment effect into every cell's own "
+    "intensities (crop with <code>--intensity-range</code> when a treatment can change a field's brightest voxels). "
+    "At 5×32×32 crops it separated little (0.67), and no measure gave a verdict on a whole model that was right for "
+    "every model. So: a cell whose index is above 0.5 has a prediction that moves more with its surroundings than "
+    "with the cell: inspect or drop that profile. A low index is no proof that the profile describes the cell's "
+    "biology."
+)
 
 
 def audit_section(profiles: pd.DataFrame, out_dir: Path) -> str:
