@@ -38,9 +38,12 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
         # every score is a fraction or an explicit "undefined" (a map summing to 0), nothing else
         ok = prof["Metadata_GradCAMO"].between(0, 1) | prof["Metadata_GradCAMO_Undefined"]
         assert ok.all()
-        # the audit beside Grad-CAMO: the interchange index per cell, defined for (nearly) every cell
-        xri = prof["Metadata_Audit_InterchangeIndex"]
-        assert xri.dropna().between(0, 1).all() and xri.notna().mean() > 0.9
+        # the audit beside Grad-CAMO: the interchange index per cell, in [0, 1] where defined, and
+        # undefined (not 0) where no donor was predicted another class (the tiny demo's models
+        # may put every pool cell in one class)
+        xri, donors = prof["Metadata_Audit_InterchangeIndex"], prof["Metadata_Audit_InterchangeDonors"]
+        assert xri.dropna().between(0, 1).all() and donors.between(0, 6).all()
+        assert xri[donors == 0].isna().all()
         assert "What you may conclude" in (report / "index.html").read_text()
     index = (out / "index.html").read_text()
     assert "cell/report/index.html" in index and "site/report/index.html" in index
