@@ -272,25 +272,32 @@ def cells_of_interest(root: Path, data: Path, mode: str) -> Path:
     return unmarked_dataset(root, data) if kind_of(mode) == "unmarked" else data
 
 
-def load_rows(data: Path, split: str, limit: int | None = None, classes: tuple[int, ...] | None = None) -> np.ndarray:
-    """Images ``(n, Z, Y, X, C)`` of the first `limit` cells of `split` (of `classes` only)."""
+def load_rows_masks(data: Path, split: str, limit: int | None = None, classes: tuple[int, ...] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(n, Z, Y, X, C)`` and masks ``(n, Z, Y, X)`` of the first `limit` cells of `split`
+    (of `classes` only)."""
     from gradcamo_jax.config import DataConfig
     from gradcamo_jax.data import pipeline
 
     source = pipeline.open_dataset(str(data), DataConfig()).sources[split]
     idx = np.arange(len(source)) if classes is None else np.flatnonzero(np.isin(source.labels, classes))
-    return np.stack([source[int(i)]["image"] for i in idx[:limit]])
-
-
-def load_rows_masks(data: Path, split: str, limit: int, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``(n, Z, Y, X, C)`` and masks ``(n, Z, Y, X)`` of the first `limit` cells of `split` of `classes`."""
-    from gradcamo_jax.config import DataConfig
-    from gradcamo_jax.data import pipeline
-
-    source = pipeline.open_dataset(str(data), DataConfig()).sources[split]
-    idx = np.flatnonzero(np.isin(source.labels, classes))[:limit]
-    items = [source[int(i)] for i in idx]
+    items = [source[int(i)] for i in idx[:limit]]
     return np.stack([it["image"] for it in items]), np.stack([it["mask"] for it in items])
+
+
+def load_rows(data: Path, split: str, limit: int | None = None, classes: tuple[int, ...] | None = None) -> np.ndarray:
+    """Images ``(n, Z, Y, X, C)`` of `load_rows_masks`."""
+    return load_rows_masks(data, split, limit, classes)[0]
+
+
+def swap_donors(data: Path, n: int, config: Config, num_classes: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The interchange donors of `n` test cells: the pool ``(P, Z, Y, X, C)`` images and masks,
+    `Config.donors` training cells of each class, and ``(n, num_classes · Config.swap_donors)``
+    pool rows per test cell (`swap_donor_index`)."""
+    pools = [load_rows_masks(data, "train", config.donors, (k,)) for k in range(num_classes)]
+    index = swap_donor_index(n, [len(p[0]) for p in pools], config.swap_donors, seed)
+    return np.concatenate([p[0] for p in pools]), np.concatenate([p[1] for p in pools]), index
 
 
 def swap_donor_index(n: int, pools: list[int], per_class: int, seed: int) -> np.ndarray:
@@ -538,14 +545,7 @@ class Study:
             keys = ["Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber"]
             if not test[keys].reset_index(drop=True).equals(cells[keys].reset_index(drop=True)):
                 raise RuntimeError(f"{root}: the test cells changed since the audit table was written")
-            pool_x, pool_m, sizes = [], [], []
-            for k in range(geometry.plate.num_classes):
-                x, m = load_rows_masks(data, "train", self.config.donors, (k,))
-                pool_x.append(x)
-                pool_m.append(m)
-                sizes.append(len(x))
-            pool_x, pool_m = np.concatenate(pool_x), np.concatenate(pool_m)
-            index = swap_donor_index(len(images), sizes, per_class, seed)
+            pool_x, pool_m, index = swap_donors(data, len(images), self.config, geometry.plate.num_classes, seed)
             fn = audit.efficientnet_logits(fitted.model, fitted.variables)
             cols: dict[str, list] = {"swap_context": [], "swap_cell": [], "xri": [], "swap_valid": [], "predicted": []}
             for (r, k) in chunked(lambda x, m, i: audit.interchange(fn, x, m, pool_x[i], pool_m[i]),
@@ -649,9 +649,7 @@ class Study:
         images, masks, _ = study.load_split(data, "test")
         n = min(len(images), geometry.time_cells)
         images, masks = images[:n], masks[:n]
-        pools = [load_rows_masks(data, "train", self.config.donors, (k,)) for k in range(geometry.plate.num_classes)]
-        pool_x, pool_m = np.concatenate([p[0] for p in pools]), np.concatenate([p[1] for p in pools])
-        index = swap_donor_index(n, [len(p[0]) for p in pools], self.config.swap_donors, seed)
+        pool_x, pool_m, index = swap_donors(data, n, self.config, geometry.plate.num_classes, seed)
         m, v, b = fitted.model, fitted.variables, geometry.batch
         fn = audit.efficientnet_logits(m, v)
         jobs = {

@@ -494,6 +494,12 @@ def _chunks(n: int, batch_size: int | None):
             yield np.concatenate([np.arange(start, stop), np.full(size - (stop - start), stop - 1)]), stop - start
 
 
+def _over_chunks(n: int, batch_size: int | None, call):
+    """``call(index)`` over `_chunks` of N cells, the padding dropped, the chunks' pytrees joined."""
+    parts = [jax.tree.map(lambda a, valid=valid: a[:valid], call(idx)) for idx, valid in _chunks(n, batch_size)]
+    return parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+
+
 def reliance(logits_fn: LogitsFn, images, masks, *, key, targets=None, donors=None,
              settings: RelianceSettings = RelianceSettings(), batch_size: int | None = None) -> RelianceResult:
     """Counterfactual reliance of each cell on its background, neighbours, cell and context.
@@ -530,14 +536,8 @@ def reliance(logits_fn: LogitsFn, images, masks, *, key, targets=None, donors=No
     targets = jnp.full((n,), -1, jnp.int32) if targets is None else jnp.asarray(targets, jnp.int32)
     donors = None if donors is None else jnp.asarray(donors, images.dtype)
     fn = _as_partial(logits_fn)
-    parts = []
-    for idx, valid in _chunks(n, batch_size):
-        out = reliance_batch(fn, images[idx], masks[idx], keys[idx], targets[idx],
-                             None if donors is None else donors[idx], settings=settings)
-        parts.append(jax.tree.map(lambda a, valid=valid: a[:valid], out))
-    if len(parts) == 1:
-        return parts[0]
-    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+    return _over_chunks(n, batch_size, lambda idx: reliance_batch(
+        fn, images[idx], masks[idx], keys[idx], targets[idx], None if donors is None else donors[idx], settings=settings))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -735,11 +735,8 @@ def interchange_index(follow_context: jax.Array, follow_cell: jax.Array, eps: fl
     cell, 0.5 = both equally. Both ``c`` = 0, or a NaN follow: NaN and ``undefined``.
     Returns ``(index, undefined)``.
     """
-    ctx = jnp.where(follow_context > eps, jnp.minimum(follow_context, 1), 0)
-    cell = jnp.where(follow_cell > eps, jnp.minimum(follow_cell, 1), 0)
-    total = ctx + cell
-    undefined = ~(total > 0) | jnp.isnan(follow_context) | jnp.isnan(follow_cell)
-    return jnp.where(undefined, jnp.nan, ctx / jnp.where(undefined, 1, total)), undefined
+    # The same share as the fill-based index, of follows capped at a full follow (NaN stays NaN).
+    return context_reliance_index(jnp.minimum(follow_context, 1), jnp.minimum(follow_cell, 1), eps)
 
 
 @functools.partial(jax.jit, static_argnames=("eps",))
@@ -753,18 +750,20 @@ def _interchange_jit(logits_fn, images, masks, donors, donor_masks, *, eps: floa
     v = 1 + 3 * d
     logits = logits_fn(x.reshape(n * v, *images.shape[1:]), m.reshape(n * v, *masks.shape[1:]))
     logits = logits.reshape(n, v, -1).astype(jnp.promote_types(logits.dtype, jnp.float32))
+    original = jnp.broadcast_to(logits[:, :1], (n, d, logits.shape[-1]))  # (N, D, K)
+    donor, ctx_swap, cell_swap = logits[:, 1:1 + d], logits[:, 1 + d:1 + 2 * d], logits[:, 1 + 2 * d:]
     a = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)  # (N,)
-    b = jnp.argmax(logits[:, 1:1 + d], axis=-1).astype(jnp.int32)  # (N, D)
-    # Logit differences, not log-probabilities: the log-softmax normaliser cancels, and a
-    # logit that does not change gives a shift of exactly 0.
-    la = jnp.take_along_axis(logits, jnp.broadcast_to(a[:, None, None], (n, v, 1)), axis=-1)[..., 0]  # (N, V)
-    lb = jnp.take_along_axis(logits[:, None, :, :], b[:, :, None, None], axis=-1)[..., 0]  # (N, D, V)
-    margin = lb - la[:, None, :]  # (N, D, V): m of every crop of the row, for donor k's class
-    idx = jnp.arange(d)
-    m0 = margin[:, :, 0]
-    span = margin[:, idx, 1 + idx] - m0
-    shift_ctx = margin[:, idx, 1 + d + idx] - m0
-    shift_cell = margin[:, idx, 1 + 2 * d + idx] - m0
+    b = jnp.argmax(donor, axis=-1).astype(jnp.int32)  # (N, D)
+
+    def margin(z):  # (N, D, K) -> (N, D): logit_b − logit_a for each donor's class b
+        # Logit differences, not log-probabilities: the log-softmax normaliser cancels, and a
+        # logit that does not change gives a shift of exactly 0.
+        return (jnp.take_along_axis(z, b[..., None], axis=-1) - jnp.take_along_axis(z, a[:, None, None], axis=-1))[..., 0]
+
+    m0 = margin(original)
+    span = margin(donor) - m0
+    shift_ctx = margin(ctx_swap) - m0
+    shift_cell = margin(cell_swap) - m0
     valid = b != a[:, None]
     total = jnp.sum(jnp.where(valid, span, 0), axis=1)
     ok = total > 0
@@ -832,13 +831,8 @@ def interchange(logits_fn: LogitsFn, images, masks, donors, donor_masks, *, eps:
     if donors.shape[1] < 1:
         raise ValueError("interchange needs at least one donor per cell")
     fn = _as_partial(logits_fn)
-    parts = []
-    for idx, valid in _chunks(n, batch_size):
-        out = _interchange_jit(fn, images[idx], masks[idx], donors[idx], donor_masks[idx], eps=float(eps))
-        parts.append(jax.tree.map(lambda a, valid=valid: a[:valid], out))
-    if len(parts) == 1:
-        return parts[0]
-    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+    return _over_chunks(n, batch_size, lambda idx: _interchange_jit(
+        fn, images[idx], masks[idx], donors[idx], donor_masks[idx], eps=float(eps)))
 
 
 def model_interchange(model: EfficientNet, variables, images, masks, donors, donor_masks, *, eps: float = 1e-3,

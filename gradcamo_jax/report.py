@@ -108,10 +108,10 @@ def headline(profiles: pd.DataFrame, threshold: float = 0.5) -> dict:
         out["mean_gradcamo_random_model"] = float(profiles["Metadata_GradCAMO_Random"].mean())
         out["mean_gradcamo_corrected"] = float(profiles["Metadata_GradCAMO_Corrected"].mean())
     if XRI in profiles:
-        x = profiles[XRI].dropna()
-        out["mean_interchange_index"] = float(x.mean()) if len(x) else float("nan")
-        out["frac_cells_following_context"] = float((x > FOLLOWS_CONTEXT).mean()) if len(x) else float("nan")
-        out["undefined_interchange_index"] = int(profiles[XRI].isna().sum())
+        t = audit_table(profiles).loc["all"]
+        out["mean_interchange_index"] = float(t["interchange_index"])
+        out["frac_cells_following_context"] = float(t["frac_follows_context"])
+        out["undefined_interchange_index"] = int(t["n_undefined_index"])
     if {"Metadata_Predicted", "Metadata_Class"} <= set(profiles.columns):
         correct = profiles["Metadata_Predicted"] == profiles["Metadata_Class"]
         out["accuracy_all"] = float(correct.mean())
@@ -189,6 +189,19 @@ def plot_umap(profiles: pd.DataFrame, path: Path, config: ReportConfig = ReportC
     return path
 
 
+def _label(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _boxes_with_points(ax, data: list[np.ndarray], keys: list, color: str) -> None:
+    """One box per group (no fliers) with its cells as jittered points (seeded per box), x-ticks = `keys`."""
+    ax.boxplot(data, showfliers=False)
+    for i, d in enumerate(data):
+        jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(d))
+        ax.scatter(np.full(len(d), i + 1) + jitter, d, s=3, alpha=0.3, color=color)
+    ax.set_xticks(range(1, len(keys) + 1), [_label(k) for k in keys])
+
+
 def plot_distributions(profiles: pd.DataFrame, by: str, path: Path, label: str) -> Path:
     """Box plots of Grad-CAMO per value of `by`, with each group's mean chance level."""
     plt = _plt()
@@ -196,12 +209,8 @@ def plot_distributions(profiles: pd.DataFrame, by: str, path: Path, label: str) 
     data = [profiles.loc[profiles[by] == g, GCO].dropna().to_numpy() for g in groups]
     chance = [profiles.loc[profiles[by] == g, CHANCE].mean() for g in groups]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(groups) + 2), 4))
-    ax.boxplot(data, showfliers=False)
-    for i, d in enumerate(data):
-        jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(d))
-        ax.scatter(np.full(len(d), i + 1) + jitter, d, s=3, alpha=0.3, color="tab:blue")
+    _boxes_with_points(ax, data, groups, "tab:blue")
     ax.plot(range(1, len(groups) + 1), chance, "r_", markersize=25, mew=2, label="chance (mask volume fraction)")
-    ax.set_xticks(range(1, len(groups) + 1), [f"{g:g}" if isinstance(g, float) else str(g) for g in groups])
     ax.set_xlabel(label)
     ax.set_ylabel("Grad-CAMO")
     ax.set_ylim(-0.02, 1.02)
@@ -221,7 +230,7 @@ def plot_attention_split(profiles: pd.DataFrame, path: Path, by: str = "Metadata
     for col, name, color in zip(parts, ("cell", "neighbours", "background"), ("tab:green", "tab:orange", "tab:gray")):
         ax.bar(range(len(means)), means[col].to_numpy(), bottom=bottom, label=name, color=color)
         bottom += means[col].to_numpy()
-    ax.set_xticks(range(len(means)), [f"{v:g}" if isinstance(v, float) else str(v) for v in means.index])
+    ax.set_xticks(range(len(means)), [_label(v) for v in means.index])
     ax.set_xlabel(by.replace("Metadata_", "").lower())
     ax.set_ylabel("mean fraction of attention")
     ax.legend(fontsize=8)
@@ -277,7 +286,7 @@ def plot_audit(profiles: pd.DataFrame, path: Path) -> Path:
     cmap = plt.get_cmap("viridis", max(len(groups), 2))
     for i, g in enumerate(groups):
         d = profiles if g is None else profiles[profiles[colour_by] == g]
-        ax.scatter(d[GCO], d[XRI], s=6, alpha=0.5, color=cmap(i), label=None if g is None else f"{g:g}" if isinstance(g, float) else str(g))
+        ax.scatter(d[GCO], d[XRI], s=6, alpha=0.5, color=cmap(i), label=None if g is None else _label(g))
     ax.axhline(FOLLOWS_CONTEXT, color="k", lw=0.8, ls="--")
     ax.set_xlabel("Grad-CAMO (attention on the cell)")
     ax.set_ylabel("interchange index (0 follows cell, 1 follows context)")
@@ -288,12 +297,8 @@ def plot_audit(profiles: pd.DataFrame, path: Path) -> Path:
     for ax, by in zip(axes[0, 1:], panels):
         keys = sorted(profiles[by].dropna().unique())
         data = [profiles.loc[profiles[by] == k, XRI].dropna().to_numpy() for k in keys]
-        ax.boxplot(data, showfliers=False)
-        for i, d in enumerate(data):
-            jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(d))
-            ax.scatter(np.full(len(d), i + 1) + jitter, d, s=3, alpha=0.3, color="tab:purple")
+        _boxes_with_points(ax, data, keys, "tab:purple")
         ax.axhline(FOLLOWS_CONTEXT, color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(1, len(keys) + 1), [f"{k:g}" if isinstance(k, float) else str(k) for k in keys])
         ax.set_xlabel(by.replace("Metadata_", "").lower())
         ax.set_ylabel("interchange index")
         ax.set_ylim(-0.02, 1.02)

@@ -197,25 +197,36 @@ def cam_rows(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(np.int64))
 
 
+def _read_rows(store, index, crop_shape=None, downsample=(1, 1, 1), spatial_dims: int = 3
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Images float32 and masks of the store rows `index` (a slice or row numbers) as the model
+    sees them: the training run's centre crop and binning per cell, then `pipeline.to_model_axes`."""
+    from gradcamo_jax.data.pipeline import centre_crop_and_bin, to_model_axes
+
+    images, masks = store.image[index].astype(np.float32), store.mask[index]
+    if crop_shape is not None or tuple(downsample) != (1, 1, 1):
+        pairs = [centre_crop_and_bin(i, m, crop_shape, downsample) for i, m in zip(images, masks)]
+        images = np.stack([p[0] for p in pairs]).astype(np.float32)
+        masks = np.stack([p[1] for p in pairs])
+    return to_model_axes(images, masks, spatial_dims)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax ``(N, K)`` of host logits."""
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
 def _batches(store, start: int, stop: int, batch: int, prefetch: int, crop_shape=None, downsample=(1, 1, 1),
              spatial_dims: int = 3) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(first row, images (b, Z, Y, X, C) float32, masks (b, Z, Y, X)) for rows [start, stop),
     read ahead in threads (zarr decoding releases the GIL), with the training run's centre
     crop and binning applied per cell; for a 2D model (`spatial_dims` 2) images (b, Y, X, C)
     and masks (b, Y, X) (`pipeline.to_model_axes`, as in training)."""
-    from gradcamo_jax.data.pipeline import centre_crop_and_bin, to_model_axes
-
     starts = list(range(start, stop, batch))
 
     def read(s):
-        e = min(s + batch, stop)
-        images, masks = store.image[s:e].astype(np.float32), store.mask[s:e]
-        if crop_shape is not None or tuple(downsample) != (1, 1, 1):
-            pairs = [centre_crop_and_bin(i, m, crop_shape, downsample) for i, m in zip(images, masks)]
-            images = np.stack([p[0] for p in pairs]).astype(np.float32)
-            masks = np.stack([p[1] for p in pairs])
-        images, masks = to_model_axes(images, masks, spatial_dims)
-        return s, images, masks
+        return (s, *_read_rows(store, slice(s, min(s + batch, stop)), crop_shape, downsample, spatial_dims))
 
     with concurrent.futures.ThreadPoolExecutor(max(1, prefetch)) as pool:
         pending = [pool.submit(read, s) for s in starts[: prefetch + 1]]
@@ -281,8 +292,7 @@ def score_part(model: EfficientNet, variables, store, cells: pd.DataFrame, rows:
         out = jax.device_get(out_dev)
         s = out.scores
         logits = out.logits[:n]
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = _softmax(logits)
         got = {
             SCORE_COLUMNS["cell"]: s.cell[:n],
             SCORE_COLUMNS["neighbors"]: s.neighbors[:n],
@@ -458,26 +468,19 @@ def swap_pool(logits_fn, store, n_cells: int, config: ScoreConfig, num_classes: 
     from gradcamo_jax import audit
 
     rows = np.unique(np.linspace(0, n_cells - 1, min(config.audit_swap_pool, n_cells)).round().astype(np.int64))
-    images, masks = [], []
-    for r in rows:
-        _, x, m = next(_batches(store, int(r), int(r) + 1, 1, 0, crop_shape, downsample, spatial_dims))
-        images.append(x[0])
-        masks.append(m[0])
-    images, masks = np.stack(images), np.stack(masks)
+    images, masks = _read_rows(store, rows, crop_shape, downsample, spatial_dims)
     fn = audit._as_partial(logits_fn)
     b = max(1, config.batch_size)
     logits = np.concatenate([np.asarray(_pool_logits(fn, _pad(images[s:s + b], b), _pad(masks[s:s + b], b)),
                                         np.float64)[:len(images[s:s + b])] for s in range(0, len(images), b)])
-    prob = np.exp(logits - logits.max(axis=1, keepdims=True))
-    prob /= prob.sum(axis=1, keepdims=True)
+    prob = _softmax(logits)
     predicted = prob.argmax(axis=1)
     top = prob.max(axis=1)
-    groups, keep = [], []
+    keep = []
     for k in range(num_classes):
         members = np.flatnonzero(predicted == k)
-        members = members[np.lexsort((rows[members], -top[members]))][:SWAP_POOL_PER_CLASS]
-        keep.append(members)
-    kept = np.concatenate(keep) if keep else np.zeros((0,), np.int64)
+        keep.append(members[np.lexsort((rows[members], -top[members]))][:SWAP_POOL_PER_CLASS])
+    kept = np.concatenate(keep)
     offset = np.cumsum([0] + [len(g) for g in keep])
     groups = tuple(np.arange(offset[k], offset[k + 1]) for k in range(num_classes))
     return SwapPool(rows=rows[kept], images=images[kept], masks=masks[kept], predicted=predicted[kept],

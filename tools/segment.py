@@ -174,8 +174,6 @@ class SegmentConfig:
 
 # ----------------------------------------------------------------------------- physical voxel size
 
-VOXEL_COLUMNS = formats.PHYSICAL_SIZE_COLUMNS
-
 
 def _sig(v: float) -> float:
     # Sizes are compared at 4 significant digits, as `gradcamo import` groups them (metadata round-trips
@@ -210,7 +208,7 @@ def plate_axis_size(plate_map: pd.DataFrame, column: str) -> float | None:
 
 
 def resolve_physical_settings(cfg: SegmentConfig, plate_map: pd.DataFrame) -> SegmentConfig:
-    """Fill the pixel settings that follow from the plate map's voxel size (`VOXEL_COLUMNS`, µm).
+    """Fill the pixel settings that follow from the plate map's voxel size (`formats.PHYSICAL_SIZE_COLUMNS`, µm).
 
     * ``diameter_um`` → ``diameter = diameter_um / xy`` (pixels), xy the XY pixel size.
     * ``do_3d`` and no ``anisotropy`` given → ``anisotropy = z / xy`` when both are known
@@ -224,7 +222,7 @@ def resolve_physical_settings(cfg: SegmentConfig, plate_map: pd.DataFrame) -> Se
 
     Args:
       cfg: the user's settings (``diameter`` in pixels or ``diameter_um``, not both).
-      plate_map: one row per site with ``formats.SITE_KEY`` and optionally `VOXEL_COLUMNS`.
+      plate_map: one row per site with ``formats.SITE_KEY`` and optionally `formats.PHYSICAL_SIZE_COLUMNS`.
 
     Returns:
       the resolved config.
@@ -237,9 +235,10 @@ def resolve_physical_settings(cfg: SegmentConfig, plate_map: pd.DataFrame) -> Se
     if cfg.voxel_size_um is not None:
         return cfg
     need_xy = cfg.diameter_um is not None or (cfg.do_3d and cfg.anisotropy is None)
-    z = plate_axis_size(plate_map, VOXEL_COLUMNS[0]) if cfg.do_3d and cfg.anisotropy is None else None
-    y = plate_axis_size(plate_map, VOXEL_COLUMNS[1]) if need_xy else None
-    x = plate_axis_size(plate_map, VOXEL_COLUMNS[2]) if need_xy else None
+    col_z, col_y, col_x = formats.PHYSICAL_SIZE_COLUMNS
+    z = plate_axis_size(plate_map, col_z) if cfg.do_3d and cfg.anisotropy is None else None
+    y = plate_axis_size(plate_map, col_y) if need_xy else None
+    x = plate_axis_size(plate_map, col_x) if need_xy else None
     if y is not None and x is not None and _sig(y) != _sig(x):
         raise SegmentError(f"the plate map's pixels are not square (Y {y:g} µm, X {x:g} µm); Cellpose assumes square "
                            "pixels: resample the images, or give --diameter/--anisotropy in pixels")
@@ -248,7 +247,7 @@ def resolve_physical_settings(cfg: SegmentConfig, plate_map: pd.DataFrame) -> Se
     if cfg.diameter_um is not None:
         if xy is None:
             raise SegmentError(f"--diameter-um {cfg.diameter_um:g}: the plate map has no XY pixel size "
-                               f"({VOXEL_COLUMNS[1]}/{VOXEL_COLUMNS[2]}); re-import it with --voxel-size Z,Y,X, "
+                               f"({col_y}/{col_x}); re-import it with --voxel-size Z,Y,X, "
                                "or give --diameter in pixels")
         diameter = cfg.diameter_um / xy
         if cfg.diameter is not None and not np.isclose(cfg.diameter, diameter, rtol=1e-6):

@@ -213,14 +213,11 @@ def measure_cells(labels: np.ndarray) -> pd.DataFrame:
     })
 
 
-PHYSICAL_SIZE_COLUMNS = formats.PHYSICAL_SIZE_COLUMNS
-
-
 def site_voxel_size(row: dict) -> np.ndarray:
     """A plate-map row's voxel size as (z, y, x) float64 µm, NaN for an axis that is absent,
     empty, non-numeric or not > 0 (unknown)."""
     out = np.full(3, np.nan)
-    for i, col in enumerate(PHYSICAL_SIZE_COLUMNS):
+    for i, col in enumerate(formats.PHYSICAL_SIZE_COLUMNS):
         try:
             v = float(row.get(col))
         except (TypeError, ValueError):
@@ -244,7 +241,7 @@ def physical_measures(table: pd.DataFrame, voxel_zyx: np.ndarray) -> pd.DataFram
     """
     vs = np.asarray(voxel_zyx, np.float64).reshape(3)
     n = len(table)
-    out = {col: np.full(n, v) for col, v in zip(PHYSICAL_SIZE_COLUMNS, vs)}
+    out = {col: np.full(n, v) for col, v in zip(formats.PHYSICAL_SIZE_COLUMNS, vs)}
     for a, v in zip("ZYX", vs):
         out[f"Metadata_Centroid_{a}_um"] = table[f"Metadata_Centroid_{a}"].to_numpy(np.float64) * v
     out["Metadata_Volume_um3"] = table["Metadata_Volume"].to_numpy(np.float64) * float(np.prod(vs))
@@ -383,7 +380,7 @@ def process_site(row: dict, parts_dir: str | os.PathLike, config: CropConfig) ->
         # overwritten (the Gallery's load_data.csv has Metadata_Row, the plate row; merge's is the store row).
         own = {*table.columns, *phys.columns, *OWN_COLUMNS}
         meta = {(f"Metadata_PlateMap_{k.removeprefix('Metadata_')}" if k in own else k): v for k, v in row.items()
-                if k.startswith("Metadata_") and k not in PHYSICAL_SIZE_COLUMNS}
+                if k.startswith("Metadata_") and k not in formats.PHYSICAL_SIZE_COLUMNS}
         cells = pd.DataFrame({**{k: [v] * n for k, v in meta.items()},
                               "FileName_Image": [row["FileName_Image"]] * n,
                               "FileName_Labels": [lpath] * n,
